@@ -1,0 +1,3 @@
+"""twinmesh: sovereign digital twins on an encrypted peer-to-peer overlay."""
+
+__version__ = "0.1.0"
