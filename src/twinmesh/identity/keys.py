@@ -41,7 +41,12 @@ class PublicKey:
             raw = base64.b32decode(cleaned.upper() + "====")
         except binascii.Error as exc:
             raise ValueError(f"not a base32 key: {exc}") from None
-        return cls(raw)
+        key = cls(raw)
+        # 52 characters carry 260 bits: the last 4 must be zero, so that each key has
+        # exactly one printable form.
+        if key.text != cleaned:
+            raise ValueError("not a canonical base32 key (the last character is wrong)")
+        return key
 
     @property
     def raw(self) -> bytes:

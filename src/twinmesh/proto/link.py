@@ -66,9 +66,15 @@ COUNTER = struct.Struct(">Q")
 TAG_SIZE = sodium.crypto_aead_chacha20poly1305_ietf_ABYTES
 # Close the link long before the 64-bit nonce space could wrap.
 MAX_COUNTER = 1 << 62
+# The smallest maxFrame either side may announce. The field is not signed, so a
+# smaller value (from a peer or from anyone on the path) is refused, never obeyed.
+MIN_MAX_FRAME = 1024
 # Bytes a payload grows by inside a session frame: counter, AEAD tag and the Cap'n
-# Proto envelope of LinkMessage.data (root pointer, union tag, list pointer, padding).
-SESSION_OVERHEAD = COUNTER.size + TAG_SIZE + 40
+# Proto envelope of LinkMessage.data. A payload too big for the builder's first
+# segment lands in a second one, so the worst case is: segment table for two segments
+# (16), root pointer (8), struct with union tag and list pointer (16), far-pointer
+# landing pad (8) and up to 7 bytes padding the payload to a whole word.
+SESSION_OVERHEAD = COUNTER.size + TAG_SIZE + 16 + 8 + 16 + 8 + 7
 
 _link = schemas.link
 
@@ -122,8 +128,8 @@ class LinkConfig:
     def __post_init__(self) -> None:
         if self.dead_after <= self.keepalive_interval:
             raise ValueError("dead_after must be longer than keepalive_interval")
-        if self.max_frame < 1024:
-            raise ValueError("max_frame must be at least 1024 bytes")
+        if self.max_frame < MIN_MAX_FRAME:
+            raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME} bytes")
 
 
 @dataclass
@@ -203,7 +209,7 @@ class Link:
                 self._receive_frame(body, now, events)
             except RemoteProtocolError as exc:
                 return self._fail(exc, events)
-            if self.state is State.CLOSED:
+            if self.state is State.CLOSED:  # type: ignore[comparison-overlap]
                 break
         return events
 
@@ -319,6 +325,9 @@ class Link:
         if version != VERSION:
             self._refuse("badVersion", f"version {version} not supported (want {VERSION})")
             raise HandshakeRefused(f"peer speaks link version {version}, we speak {VERSION}")
+        if max_frame < MIN_MAX_FRAME:
+            self._refuse("malformed", f"maxFrame {max_frame} is below {MIN_MAX_FRAME}")
+            raise DecodeError(f"hello maxFrame {max_frame} is below the minimum {MIN_MAX_FRAME}")
         try:
             peer = _check_key_material(static, ephemeral, signature)
         except DecodeError as exc:
@@ -359,6 +368,8 @@ class Link:
         version, static, ephemeral, signature, max_frame = fields
         if version != VERSION:
             raise HandshakeRefused(f"peer answered with link version {version}, want {VERSION}")
+        if max_frame < MIN_MAX_FRAME:
+            raise DecodeError(f"accept maxFrame {max_frame} is below the minimum {MIN_MAX_FRAME}")
         peer = _check_key_material(static, ephemeral, signature)
         if not peer.verify(signature, ACCEPT_CONTEXT + _hash(hs.hello_body) + ephemeral):
             raise AuthenticationError(f"accept from {peer.short}: signature does not verify")
@@ -427,7 +438,9 @@ class Link:
                 body[COUNTER.size :], None, _nonce(counter), keys.recv
             )
         except nacl.exceptions.CryptoError:
-            raise AuthenticationError("frame failed authentication (tampered or wrong key)") from None
+            raise AuthenticationError(
+                "frame failed authentication (tampered or wrong key)"
+            ) from None
         keys.recv_counter += 1
         if keys.recv_counter >= MAX_COUNTER:
             raise AuthenticationError("receive counter exhausted; the link must be re-keyed")
@@ -520,7 +533,11 @@ def _read_hello_or_accept(reader: Any) -> tuple[str, tuple[Any, ...]]:
     which = str(reader.which())
     if which == "refuse":
         refuse = reader.refuse
-        return which, (str(refuse.code), str(refuse.reason)[:200])
+        try:
+            code = str(refuse.code)
+        except RuntimeError:  # a code added by a newer peer: still a refusal
+            code = f"code {refuse.code.raw}"
+        return which, (code, str(refuse.reason)[:200])
     if which not in ("hello", "accept"):
         return which, ()
     msg = getattr(reader, which)

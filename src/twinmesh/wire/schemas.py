@@ -57,7 +57,16 @@ def decode(struct: Any, data: bytes, extract: Callable[[Any], T]) -> T:
             return extract(reader)
     except DecodeError:
         raise
-    except (capnp.KjException, ValueError, TypeError, AttributeError, IndexError) as exc:
+    # pycapnp raises RuntimeError for some faults it finds lazily, e.g. reading an enum
+    # value this schema does not know ("Member was null").
+    except (
+        capnp.KjException,
+        RuntimeError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as exc:
         name = getattr(struct, "__name__", None) or str(struct)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DecodeError(f"undecodable {name}: {first_line[:160]}") from None

@@ -1,0 +1,1 @@
+"""twinctl: parse arguments, call a control API, render a table or --json."""

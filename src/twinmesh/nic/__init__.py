@@ -1,0 +1,1 @@
+"""pnicd: the NIC daemon that drives the protocol cores over carriers."""

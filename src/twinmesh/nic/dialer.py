@@ -1,0 +1,102 @@
+"""Keeps one configured outbound peer linked: dial, run, back off, dial again.
+
+The delay schedule is a pure function (`backoff_delay`) so it can be tested without
+a clock: exponential from `initial`, capped at `max`, with +/- `jitter` spread so a
+restarted hub is not hit by every peer in the same instant.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from twinmesh.carriers.uri import PeerUri
+from twinmesh.identity.keys import PublicKey
+from twinmesh.nic.config import ReconnectConfig
+
+if TYPE_CHECKING:
+    from twinmesh.nic.session import LinkSession
+
+# A link that stayed up this long resets the backoff to `initial`.
+STABLE_AFTER = 10.0
+DIAL_TIMEOUT = 5.0
+
+
+def backoff_delay(failures: int, config: ReconnectConfig, rng: random.Random) -> float:
+    """The wait before the next dial after `failures` consecutive failures (>= 1)."""
+    base = min(config.max, config.initial * 2 ** min(failures - 1, 32))
+    spread = base * config.jitter
+    return float(max(0.0, min(config.max, base + rng.uniform(-spread, spread))))
+
+
+class Dialer:
+    """State of one outbound peer, shown by the admin `peers` command.
+
+    Mutable fields are written only by `run()` (and `stop()`).
+    """
+
+    def __init__(
+        self,
+        uri: PeerUri,
+        config: ReconnectConfig,
+        connect: Callable[[Dialer], Awaitable[LinkSession | None]],
+        standby: Callable[[Dialer], Awaitable[None]],
+        rng: random.Random,
+    ) -> None:
+        self.uri = uri
+        self.config = config
+        self.state = "connecting"
+        self.last_error = ""
+        self.retry_at: float | None = None  # trio clock
+        self.session: LinkSession | None = None
+        self.failures = 0
+        self.learned_key: PublicKey | None = uri.key
+        self._connect = connect
+        self._standby = standby
+        self._rng = rng
+        self._cancel = trio.CancelScope()
+        self.log = structlog.get_logger("twinmesh.dialer").bind(uri=str(uri))
+
+    def stop(self) -> None:
+        self._cancel.cancel()
+
+    async def run(self) -> None:
+        with self._cancel:
+            while True:
+                # Already linked to this peer (it dialled us): wait until that link ends.
+                await self._standby(self)
+                self.state = "connecting"
+                self.retry_at = None
+                started = time.monotonic()
+                try:
+                    with trio.fail_after(DIAL_TIMEOUT):
+                        session = await self._connect(self)
+                except trio.TooSlowError:
+                    session = None
+                    self.last_error = f"dial timed out after {DIAL_TIMEOUT:g} s"
+                except OSError as exc:
+                    session = None
+                    self.last_error = f"dial failed: {exc.strerror or exc}"
+                if session is not None:
+                    self.session = session
+                    self.state = "handshaking"
+                    await session.wait_finished()
+                    self.session = None
+                    if session.peer is not None and session.up_since is not None:
+                        self.learned_key = session.peer
+                    down = session.down
+                    if down is not None:
+                        self.last_error = down.reason
+                    if session.up_since is not None and time.monotonic() - started >= STABLE_AFTER:
+                        self.failures = 0
+                self.failures += 1
+                delay = backoff_delay(self.failures, self.config, self._rng)
+                self.state = "backoff"
+                self.retry_at = trio.current_time() + delay
+                self.log.info("peer unreachable, retrying", error=self.last_error, retry_in=round(delay, 2))
+                await trio.sleep(delay)

@@ -1,0 +1,133 @@
+"""`pnicd`: the Planetary NIC daemon.
+
+    pnicd --state-dir DIR [--config FILE] [--listen URI ...] [--peer URI ...]
+          [--allow KEY ...] [--health HOST:PORT] [--log-format console|json]
+
+Settings come from defaults, then the TOML file, then flags (a flag given replaces
+the file's value). SIGINT and SIGTERM stop it cleanly. Exit codes: 0 clean stop,
+2 bad configuration or key file (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+import trio
+
+from twinmesh import __version__
+from twinmesh.errors import ConfigError, KeyFileError
+from twinmesh.identity.keystore import ensure_state_dir, load_or_create_identity
+from twinmesh.log import configure_logging
+from twinmesh.nic.admin.server import AdminServer
+from twinmesh.nic.config import KEY_FILE, NicConfig, load_config
+from twinmesh.nic.health import serve_health
+from twinmesh.nic.node import Nic
+
+LOCK_FILE = "pnicd.lock"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pnicd", description="twinmesh Planetary NIC daemon")
+    parser.add_argument("--state-dir", type=Path, help="keys, admin socket (default: XDG state)")
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    parser.add_argument("--listen", action="append", metavar="URI",
+                        help="tcp://HOST:PORT or ws://HOST:PORT/PATH (repeatable)")
+    parser.add_argument("--peer", action="append", metavar="URI",
+                        help="peer to keep linked, optionally ?key=PINNED (repeatable)")
+    parser.add_argument("--allow", action="append", metavar="KEY",
+                        help="only these peer keys may link (repeatable)")
+    parser.add_argument("--health", metavar="HOST:PORT", help="loopback health/metrics endpoint")
+    parser.add_argument("--log-format", choices=("console", "json"))
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--version", action="version", version=f"pnicd {__version__}")
+    return parser.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> NicConfig:
+    overrides = {
+        "state_dir": str(args.state_dir) if args.state_dir else None,
+        "listen": args.listen,
+        "peers": args.peer,
+        "allow": args.allow,
+        "health": args.health,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+    }
+    return load_config(args.config, overrides)
+
+
+async def serve(config: NicConfig) -> None:
+    """Run a NIC with its admin socket and health endpoint until SIGINT/SIGTERM."""
+    log = structlog.get_logger("twinmesh.pnicd")
+    identity = load_or_create_identity(config.state_dir, KEY_FILE)
+    nic = Nic(identity, config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(nic.run)
+            health_url = ""
+            if config.health is not None:
+                host, port = await nursery.start(serve_health, *config.health, nic)
+                health_url = f"http://{host}:{port}/"
+            admin = AdminServer(nic, config.admin_socket, health_url)
+            await nursery.start(admin.serve)
+            log.info(
+                "pnicd ready",
+                key=identity.public.text,
+                listen=[str(u) for u in nic.listening],
+                admin=str(config.admin_socket),
+                health=health_url or None,
+            )
+            async for signum in signals:
+                log.info("stopping", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = build_config(args)
+        configure_logging(config.log_format, config.log_level)
+        ensure_state_dir(config.state_dir)
+        lock = _lock_state_dir(config.state_dir)
+        try:
+            trio.run(serve, config)
+        except BaseExceptionGroup as group:
+            raise _sole_user_error(group) from None
+        finally:
+            os.close(lock)
+    except (ConfigError, KeyFileError) as exc:
+        print(f"pnicd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _sole_user_error(group: BaseExceptionGroup) -> BaseException:
+    # A bad setting found while starting a service inside the nursery (a busy admin
+    # socket, a non-loopback health address) arrives wrapped in an exception group.
+    matched, rest = group.split((ConfigError, KeyFileError))
+    if matched is not None and rest is None:
+        return matched.exceptions[0] if len(matched.exceptions) == 1 else group
+    return group
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{state_dir}: another pnicd is already running here") from None
+    return fd
+
+
+if __name__ == "__main__":
+    sys.exit(main())

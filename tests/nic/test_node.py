@@ -1,0 +1,239 @@
+"""Nics in one process over the in-memory network, on a virtual clock."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from twinmesh.carriers.uri import PeerUri
+from twinmesh.errors import LinkClosedError
+from twinmesh.identity.keys import Identity, PublicKey
+from twinmesh.nic.config import NicConfig, ReconnectConfig
+from twinmesh.nic.node import Nic
+from twinmesh.proto.link import LinkConfig
+from twinmesh.testing.memnet import MemoryNetwork
+
+LINK = LinkConfig(keepalive_interval=0.5, dead_after=2.0, handshake_timeout=3.0)
+RECONNECT = ReconnectConfig(initial=0.5, max=4.0, jitter=0.1)
+
+
+class Node:
+    def __init__(self, name: str, nic: Nic) -> None:
+        self.name = name
+        self.nic = nic
+        self.received: list[tuple[PublicKey, bytes]] = []
+        nic.on_data = lambda peer, data: self.received.append((peer, data))
+
+    @property
+    def uri(self) -> PeerUri:
+        return PeerUri("memory", self.name, 0)
+
+    @property
+    def pinned(self) -> PeerUri:
+        return replace(self.uri, key=self.nic.key)
+
+    def up_peers(self) -> set[PublicKey]:
+        return {peer for peer, s in self.nic.by_peer.items() if s.is_up}
+
+
+@asynccontextmanager
+async def mesh(
+    net: MemoryNetwork, names: list[str], **overrides: object
+) -> AsyncIterator[dict[str, Node]]:
+    nodes: dict[str, Node] = {}
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            config = NicConfig(
+                state_dir=Path("/nonexistent"),
+                listen=(PeerUri("memory", name, 0),),
+                link=LINK,
+                reconnect=RECONNECT,
+                **overrides,  # type: ignore[arg-type]
+            )
+            nic = Nic(
+                Identity.generate(), config, {"memory": net.carrier(name)}, rng=random.Random(1)
+            )
+            await nursery.start(nic.run)
+            nodes[name] = Node(name, nic)
+        yield nodes
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for(predicate: Callable[[], bool], step: float = 0.05) -> None:
+    while not predicate():
+        await trio.sleep(step)
+
+
+async def test_two_nics_link_and_exchange_data(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            b.nic.add_peer(a.pinned)
+            await wait_for(lambda: a.up_peers() == {b.nic.key} and b.up_peers() == {a.nic.key})
+            await b.nic.send(a.nic.key, b"hello a")
+            await a.nic.send(b.nic.key, b"hello b")
+            await wait_for(lambda: bool(a.received and b.received))
+            assert a.received == [(b.nic.key, b"hello a")]
+            assert b.received == [(a.nic.key, b"hello b")]
+            rows = {r.direction: r for r in a.nic.peer_rows() + b.nic.peer_rows()}
+            assert rows["outbound"].state == rows["inbound"].state == "up"
+            assert rows["outbound"].key == a.nic.key.text
+            assert rows["inbound"].key == b.nic.key.text
+
+
+async def test_silent_link_is_declared_down_then_recovers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(60):
+        async with mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            b.nic.add_peer(a.pinned)
+            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+            net.partition("a", "b")
+            cut = trio.current_time()
+            await wait_for(lambda: not a.up_peers() and not b.up_peers())
+            # The keepalive deadline is a protocol property: virtual time, deterministic.
+            assert trio.current_time() - cut <= LINK.dead_after + LINK.keepalive_interval
+            [row] = b.nic.peer_rows()
+            assert "nothing received" in row.last_error or "nothing received" in str(
+                [s.down for s in b.nic.sessions.values()]
+            )
+            net.heal("a", "b")
+            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+            await b.nic.send(a.nic.key, b"after heal")
+            await wait_for(lambda: bool(a.received))
+            assert a.received[-1] == (b.nic.key, b"after heal")
+
+
+async def test_broken_connection_reconnects(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(60):
+        async with mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            b.nic.add_peer(a.pinned)
+            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+            first = b.nic.by_peer[a.nic.key]
+            assert net.break_links("a", "b") == 1
+            await wait_for(lambda: first.down is not None)
+            assert "connection broken" in first.down.reason
+            await wait_for(lambda: bool(b.up_peers()) and b.nic.by_peer[a.nic.key] is not first)
+            assert b.nic.links_established == 2
+
+
+async def test_dialer_backs_off_while_peer_is_away(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(60):
+        async with mesh(net, ["b"]) as n:
+            b = n["b"]
+            b.nic.add_peer(PeerUri.parse("memory://nobody"))
+            await wait_for(lambda: b.nic.dialers["memory://nobody"].failures >= 4)
+            [row] = b.nic.peer_rows()
+            assert row.state in ("backoff", "connecting")
+            assert "dial failed" in row.last_error
+            # Four failures at 0.5, 1, 2, 4 s (cap 4 s, jitter 10 %): not a tight loop.
+            assert trio.current_time() >= 0.45 + 0.9 + 1.8
+
+
+async def test_both_sides_dialling_keep_exactly_one_link(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(60):
+        async with mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            a.nic.add_peer(b.pinned)
+            b.nic.add_peer(a.pinned)
+            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+            await trio.sleep(10)  # long enough for any duplicate to have been dropped
+            live_a = [s for s in a.nic.sessions.values() if s.is_up]
+            live_b = [s for s in b.nic.sessions.values() if s.is_up]
+            assert len(live_a) == len(live_b) == 1
+            # Both ends agree on which link survived: the one the smaller key initiated.
+            smaller = min(a.nic.key, b.nic.key)
+            initiator = a if smaller == a.nic.key else b
+            assert initiator.nic.by_peer[max(a.nic.key, b.nic.key)].direction == "outbound"
+            states = sorted(r.state for r in a.nic.peer_rows() + b.nic.peer_rows())
+            assert states.count("up") == 2 and "standby" in states
+
+
+async def test_wrong_pinned_key_is_refused(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            impostor = Identity.generate().public
+            b.nic.add_peer(replace(a.uri, key=impostor))
+            await wait_for(lambda: b.nic.handshake_failures["refused"] >= 1)
+            [row] = b.nic.peer_rows()
+            assert impostor.text in row.last_error and a.nic.key.text in row.last_error
+            assert not b.up_peers() and not a.up_peers()
+
+
+async def test_allow_list_refuses_unknown_keys(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with mesh(net, ["a", "b"], allow=frozenset({Identity.generate().public})) as n:
+            a, b = n["a"], n["b"]
+            b.nic.add_peer(a.uri)
+            await wait_for(lambda: a.nic.handshake_failures["refused"] >= 1)
+            await wait_for(lambda: "refused by peer" in b.nic.peer_rows()[0].last_error)
+            assert "allow-list" in b.nic.peer_rows()[0].last_error
+            assert not a.up_peers()
+
+
+async def test_link_limit_refuses_extra_inbound(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with mesh(net, ["a", "b", "c"], max_links=1) as n:
+            a, b, c = n["a"], n["b"], n["c"]
+            b.nic.add_peer(a.uri)
+            await wait_for(lambda: bool(a.up_peers()))
+            c.nic.add_peer(a.uri)
+            await wait_for(lambda: a.nic.handshake_failures["link-limit"] >= 1)
+            assert a.up_peers() == {b.nic.key}
+
+
+async def test_remove_peer_by_key_and_by_uri(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with mesh(net, ["a", "b", "c"]) as n:
+            a, b, c = n["a"], n["b"], n["c"]
+            b.nic.add_peer(a.pinned)
+            b.nic.add_peer(c.uri)
+            assert b.nic.add_peer(c.uri) is False  # already configured
+            await wait_for(lambda: len(b.up_peers()) == 2)
+            assert b.nic.remove_peer(a.nic.key.text) >= 1
+            assert b.nic.remove_peer("memory://c") == 1
+            await wait_for(lambda: not b.up_peers())
+            await trio.sleep(5)  # no dialer brings them back
+            assert not b.up_peers() and not b.nic.dialers
+            assert b.nic.remove_peer("memory://c") == 0
+            with pytest.raises(LinkClosedError):
+                await b.nic.send(a.nic.key, b"gone")
+
+
+async def test_metrics_count_links_and_traffic(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            b.nic.add_peer(a.pinned)
+            await wait_for(lambda: bool(a.up_peers()))
+            for _ in range(10):
+                await b.nic.send(a.nic.key, b"x" * 1000)
+            await wait_for(lambda: len(a.received) == 10)
+            metrics = {m.name: m for m in a.nic.metrics()}
+            assert metrics["twinmesh_links_up"].samples == [({}, 1.0)]
+            frames = dict((labels["direction"], v) for labels, v in
+                          metrics["twinmesh_link_bytes_total"].samples)
+            assert frames["in"] > 10_000
+            assert a.nic.healthy()
