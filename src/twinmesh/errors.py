@@ -10,7 +10,7 @@
     │   └── RemoteProtocolError  the peer sent something invalid; close that link, keep running
     │       ├── FrameTooLarge      a length prefix over the cap
     │       ├── DecodeError        bytes that are not the Cap'n Proto message they claim to be
-    │       ├── HandshakeRefused   the peer's key is not the pinned one / not allowed, or it refused us
+    │       ├── HandshakeRefused   wrong pinned key, not allowed, or the peer refused us
     │       └── AuthenticationError  a bad signature, a tampered, replayed or reordered frame
     ├── LinkClosedError        the link is gone (locally closed or broken by the peer)
     └── AdminError             the admin API answered with an error

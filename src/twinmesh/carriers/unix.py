@@ -54,14 +54,18 @@ async def serve_unix(
 async def _handle(
     stream: trio.SocketStream, handler: ConnectionHandler, limit: trio.CapacityLimiter
 ) -> None:
-    if limit.available_tokens == 0:
-        await trio.aclose_forcefully(stream)
-        return
-    async with limit, stream:
+    # Enter the stream first: it must be closed even if we are cancelled right away.
+    async with stream:
+        try:
+            limit.acquire_nowait()
+        except trio.WouldBlock:
+            return
         try:
             await handler(stream, "unix")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+        finally:
+            limit.release()
 
 
 async def connect_unix(path: Path) -> trio.SocketStream:

@@ -98,5 +98,7 @@ class Dialer:
                 delay = backoff_delay(self.failures, self.config, self._rng)
                 self.state = "backoff"
                 self.retry_at = trio.current_time() + delay
-                self.log.info("peer unreachable, retrying", error=self.last_error, retry_in=round(delay, 2))
+                self.log.info(
+                    "peer unreachable, retrying", error=self.last_error, retry_in=round(delay, 2)
+                )
                 await trio.sleep(delay)

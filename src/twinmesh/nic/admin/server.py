@@ -59,7 +59,9 @@ class AdminServer:
             response.error = f"unknown admin command {which!r}"
             return bytes(response.to_bytes())
         try:
-            schemas.decode(schemas.admin.AdminRequest, body, lambda r: self._run(command, r, response))
+            schemas.decode(
+                schemas.admin.AdminRequest, body, lambda r: self._run(command, r, response)
+            )
         except (AdminError, ConfigError, DecodeError) as exc:
             response = schemas.admin.AdminResponse.new_message()
             response.id = request_id

@@ -1,0 +1,180 @@
+"""The trio shell around one link core, over in-memory streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from twinmesh.errors import LinkClosedError, LocalProtocolError
+from twinmesh.identity.keys import Identity
+from twinmesh.nic.session import LinkSession
+from twinmesh.proto.link import DownKind, Link, LinkConfig, LinkDown
+from twinmesh.testing.memnet import MemoryNetwork
+
+CONFIG = LinkConfig(keepalive_interval=0.5, dead_after=2.0, handshake_timeout=3.0)
+
+
+@dataclass
+class Recorder:
+    ups: int = 0
+    data: list[bytes] = field(default_factory=list)
+    downs: list[LinkDown] = field(default_factory=list)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def link_up(self, session: LinkSession) -> None:
+        self.ups += 1
+        self._poke()
+
+    def link_data(self, session: LinkSession, data: bytes) -> None:
+        self.data.append(data)
+        self._poke()
+
+    def link_down(self, session: LinkSession, down: LinkDown) -> None:
+        self.downs.append(down)
+        self._poke()
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+def make_pair(
+    net: MemoryNetwork, send_queue: int = 256
+) -> tuple[LinkSession, Recorder, LinkSession, Recorder]:
+    ia, ib = Identity.generate(), Identity.generate()
+    sa, sb = net.stream_pair("a", "b")
+    ra, rb = Recorder(), Recorder()
+    now = trio.current_time()
+    a = LinkSession(Link(ia, initiator=True, now=now, config=CONFIG), sa, ra,
+                    direction="outbound", uri="memory://b", carrier="memory",
+                    send_queue=send_queue)
+    b = LinkSession(Link(ib, initiator=False, now=now, config=CONFIG), sb, rb,
+                    direction="inbound", uri="memory://a", carrier="memory")
+    return a, ra, b, rb
+
+
+async def wait_until(recorder: Recorder, predicate: object) -> None:
+    while not predicate():  # type: ignore[operator]
+        await recorder.changed.wait()
+
+
+async def test_sessions_come_up_and_carry_data_both_ways() -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            a, ra, b, rb = make_pair(net)
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            await wait_until(rb, lambda: rb.ups == 1)
+            await wait_until(ra, lambda: ra.ups == 1)
+            for i in range(100):
+                await a.send(b"a%d" % i)
+            await b.send(b"from b")
+            await wait_until(rb, lambda: len(rb.data) == 100)
+            await wait_until(ra, lambda: len(ra.data) == 1)
+            assert rb.data == [b"a%d" % i for i in range(100)]
+            assert ra.data == [b"from b"]
+            assert a.up_since is not None and a.peer == b.core.identity.public
+            nursery.cancel_scope.cancel()
+
+
+async def test_send_before_up_and_oversized_payloads_are_local_errors() -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            a, ra, b, rb = make_pair(net)
+            with pytest.raises(LocalProtocolError, match="not up"):
+                await a.send(b"too early")
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            await wait_until(ra, lambda: ra.ups == 1)
+            with pytest.raises(LocalProtocolError, match="exceeds"):
+                await a.send(b"x" * (a.core.max_payload + 1))
+            await a.send(b"x" * a.core.max_payload)
+            await wait_until(rb, lambda: len(rb.data) == 1)
+            nursery.cancel_scope.cancel()
+
+
+async def test_full_send_queue_pushes_back_instead_of_growing() -> None:
+    # The peer stops reading: the carrier buffer fills, the writer blocks, the
+    # bounded queue fills, and further sends wait or raise WouldBlock.
+    net = MemoryNetwork(buffer_size=16 * 1024)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            ia, ib = Identity.generate(), Identity.generate()
+            sa, sb = net.stream_pair("a", "b")
+            ra = Recorder()
+            a = LinkSession(Link(ia, initiator=True, now=trio.current_time(), config=CONFIG),
+                            sa, ra, direction="outbound", uri="memory://b", carrier="memory",
+                            send_queue=4)
+            peer = Link(ib, initiator=False, now=trio.current_time(), config=CONFIG)
+            nursery.start_soon(a.run)
+            # Drive the peer's handshake by hand, then never read again.
+            peer.receive_data(await sb.receive_some(), trio.current_time())
+            await sb.send_all(peer.data_to_send())
+            await wait_until(ra, lambda: ra.ups == 1)
+            sent = 0
+            with pytest.raises(trio.WouldBlock):
+                for _ in range(10_000):
+                    a.send_nowait(b"y" * 1000)
+                    sent += 1
+                    await trio.lowlevel.checkpoint()
+            # Bounded: the carrier buffer plus the queue, not 10 000 payloads.
+            assert sent < 60
+            assert a.queue_statistics().current_buffer_used == 4
+            with trio.move_on_after(0.5) as blocked:
+                await a.send(b"z")
+            assert blocked.cancelled_caught
+            nursery.cancel_scope.cancel()
+
+
+async def test_local_close_reaches_the_peer_with_its_reason() -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            a, _ra, b, rb = make_pair(net)
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            await wait_until(rb, lambda: rb.ups == 1)
+            a.close("operator said so")
+            await wait_until(rb, lambda: bool(rb.downs))
+            assert rb.downs[0].kind is DownKind.CLOSED_BY_PEER
+            assert "operator said so" in rb.downs[0].reason
+            await a.wait_finished()
+            await b.wait_finished()
+            with pytest.raises(LinkClosedError):
+                await a.send(b"after close")
+
+
+async def test_cancelled_session_says_goodbye() -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer:
+            a, _ra, b, rb = make_pair(net)
+            outer.start_soon(b.run)
+            async with trio.open_nursery() as inner:
+                inner.start_soon(a.run)
+                await wait_until(rb, lambda: rb.ups == 1)
+                inner.cancel_scope.cancel()  # e.g. the NIC is stopping
+            await wait_until(rb, lambda: bool(rb.downs))
+            assert "NIC shutting down" in rb.downs[0].reason
+
+
+async def test_peer_vanishing_is_reported_once(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            a, ra, b, rb = make_pair(net)
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            await wait_until(rb, lambda: rb.ups == 1)
+            net.partition("a", "b")
+            await wait_until(ra, lambda: bool(ra.downs))
+            await wait_until(rb, lambda: bool(rb.downs))
+            await trio.sleep(10)
+            assert len(ra.downs) == len(rb.downs) == 1
+            assert ra.downs[0].kind is DownKind.TIMEOUT
