@@ -113,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 2 <= args.nics <= 20:
         parser.error("--nics must be between 2 and 20")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # The status lines must show up at once when stdout is a pipe (`make run | tee`).
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     try:
         trio.run(amain, args.dir.resolve(), args.nics)
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:  # Ctrl-C arrives inside amain's nursery, so in a group
         print("\nmesh stopped")
     return 0
 

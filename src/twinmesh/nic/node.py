@@ -154,7 +154,9 @@ class Nic:
             key = None
         if key is not None:
             for name, dialer in list(self.dialers.items()):
-                if dialer.learned_key == key:
+                # An unpinned dialer learns its key only when its first link ends.
+                current = dialer.session.peer if dialer.session is not None else None
+                if key in (dialer.learned_key, current):
                     self._stop_dialer(name, dialer)
                     removed += 1
             for session in list(self.sessions.values()):
