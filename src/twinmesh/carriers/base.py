@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 import trio
@@ -13,12 +14,22 @@ from twinmesh.carriers.uri import PeerUri
 # The connection lives as long as the handler runs; the carrier closes it afterwards.
 ConnectionHandler = Callable[[trio.abc.Stream, str], Awaitable[None]]
 
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
 
 class Carrier(Protocol):
+    """How bytes move between NICs. Both halves are structured: a connection lives
+    inside `async with carrier.connect(uri)` on the dialling side and inside the
+    handler on the listening side, so a carrier may run tasks for it (websockets does)."""
+
     scheme: str
 
-    async def dial(self, uri: PeerUri) -> trio.abc.Stream:
-        """Connect to `uri`. Raises OSError (or a subclass) when the peer is unreachable."""
+    def connect(
+        self, uri: PeerUri, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
+    ) -> AbstractAsyncContextManager[trio.abc.Stream]:
+        """`async with carrier.connect(uri) as stream:` dials `uri`; the stream is closed
+        when the block ends. Entering raises OSError (TimeoutError after `timeout`) when
+        the peer is unreachable."""
         ...
 
     async def serve(
@@ -31,3 +42,13 @@ class Carrier(Protocol):
         """Listen on `uri` until cancelled; `task_status.started()` gets the bound URI
         (with the real port when `uri` asked for port 0)."""
         ...
+
+
+async def dial_with_timeout(
+    dial: Callable[[], Awaitable[trio.abc.Stream]], uri: PeerUri, timeout: float
+) -> trio.abc.Stream:
+    """Run `dial()` and turn a timeout into TimeoutError (an OSError) naming `uri`."""
+    with trio.move_on_after(timeout) as scope:
+        return await dial()
+    assert scope.cancelled_caught
+    raise TimeoutError(f"connecting to {uri} timed out after {timeout:g} s")

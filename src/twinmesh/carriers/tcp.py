@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from twinmesh.carriers.base import ConnectionHandler
+from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, dial_with_timeout
 from twinmesh.carriers.uri import PeerUri
 
 # What `serve_tcp` calls for every accepted connection (stream, "host:port").
@@ -43,6 +44,15 @@ class TcpCarrier:
         # must not wait for Nagle, so we say it explicitly.
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         return stream
+
+    @asynccontextmanager
+    async def connect(
+        self, uri: PeerUri, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
+    ) -> AsyncIterator[trio.abc.Stream]:
+        """The `Carrier` interface: `dial` within `timeout`, closed when the block ends."""
+        stream = await dial_with_timeout(lambda: self.dial(uri), uri, timeout)
+        async with stream:
+            yield stream
 
     async def serve(
         self,

@@ -10,12 +10,18 @@ frames as one continuous byte stream — message boundaries carry no meaning.
 
 The stream drives websockets' sans-I/O core (`ClientProtocol` / `ServerProtocol`)
 directly over a trio stream, the way websockets' own trio layer does: read bytes →
-`receive_data()` → take `events_received()` → write `data_to_send()`. We do not use
-`websockets.trio.client.connect`: its connection runs a background task and so only
-lives inside an `async with` block, while `Carrier.dial` must return a stream the
-caller owns. Without background tasks nothing happens unless the link reads or
-writes, which also means no extra buffering: incoming data waits in the kernel until
-the link asks for it (back-pressure end to end).
+`receive_data()` → take `events_received()` → write `data_to_send()`.
+
+Why not `websockets.trio.client.connect` / `serve` themselves (websockets 17.4): their
+background reader, after every read, flushes protocol replies under the connection's
+send lock. When both ends send bulk data at once, each sender holds its lock while
+blocked on a full socket, so each reader waits for that lock and stops reading: both
+peers deadlock. A link does exactly that (data both ways plus keepalives); the
+`echo_1mib` carrier check reproduces it in a second. Here the receive side never
+waits for the send lock (see `_read_more`), and without background tasks nothing
+happens unless the link reads or writes, so there is no extra buffering either:
+incoming data waits in the kernel until the link asks for it (back-pressure end to
+end). A stock websockets.trio client and server interoperate with this carrier (tested).
 
 Choices: no compression (the payload is encrypted, it would not shrink), no websocket
 pings (the link has its own keepalive; we still answer the peer's pings), incoming
@@ -31,6 +37,8 @@ as EOF (b""); a reset, an abnormal close or a protocol violation raises
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 import operator
 import urllib.parse
 from dataclasses import replace
@@ -43,7 +51,7 @@ from websockets.protocol import CONNECTING, OPEN, Event, Protocol
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from twinmesh.carriers.base import ConnectionHandler
+from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, dial_with_timeout
 from twinmesh.carriers.tcp import DEFAULT_MAX_CONNECTIONS, TcpCarrier, check_scheme, serve_tcp
 from twinmesh.carriers.uri import DEFAULT_WS_PATH, PeerUri
 
@@ -288,6 +296,15 @@ class WebSocketCarrier:
         check_scheme(uri, self.scheme)
         transport = await TcpCarrier().dial(PeerUri("tcp", uri.host, uri.port))
         return await WebSocketStream.connect(transport, uri)
+
+    @asynccontextmanager
+    async def connect(
+        self, uri: PeerUri, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
+    ) -> AsyncIterator[trio.abc.Stream]:
+        """The `Carrier` interface: `dial` within `timeout`, closed when the block ends."""
+        stream = await dial_with_timeout(lambda: self.dial(uri), uri, timeout)
+        async with stream:
+            yield stream
 
     async def serve(
         self,

@@ -37,14 +37,14 @@ def backoff_delay(failures: int, config: ReconnectConfig, rng: random.Random) ->
 class Dialer:
     """State of one outbound peer, shown by the admin `peers` command.
 
-    Mutable fields are written only by `run()` (and `stop()`).
+    Mutable fields are written only by `run()`, `attach()` and `stop()`.
     """
 
     def __init__(
         self,
         uri: PeerUri,
         config: ReconnectConfig,
-        connect: Callable[[Dialer], Awaitable[LinkSession | None]],
+        link: Callable[[Dialer], Awaitable[None]],
         standby: Callable[[Dialer], Awaitable[None]],
         rng: random.Random,
     ) -> None:
@@ -56,7 +56,7 @@ class Dialer:
         self.session: LinkSession | None = None
         self.failures = 0
         self.learned_key: PublicKey | None = uri.key
-        self._connect = connect
+        self._link = link
         self._standby = standby
         self._rng = rng
         self._cancel = trio.CancelScope()
@@ -64,6 +64,11 @@ class Dialer:
 
     def stop(self) -> None:
         self._cancel.cancel()
+
+    def attach(self, session: LinkSession) -> None:
+        """Called by the link function once the carrier is connected."""
+        self.session = session
+        self.state = "handshaking"
 
     async def run(self) -> None:
         with self._cancel:
@@ -74,24 +79,16 @@ class Dialer:
                 self.retry_at = None
                 started = time.monotonic()
                 try:
-                    with trio.fail_after(DIAL_TIMEOUT):
-                        session = await self._connect(self)
-                except trio.TooSlowError:
-                    session = None
-                    self.last_error = f"dial timed out after {DIAL_TIMEOUT:g} s"
+                    # Connects (within DIAL_TIMEOUT), attaches and runs the session to its end.
+                    await self._link(self)
                 except OSError as exc:
-                    session = None
-                    self.last_error = f"dial failed: {exc.strerror or exc}"
+                    self.last_error = f"dial failed: {_describe(exc)}"
+                session, self.session = self.session, None
                 if session is not None:
-                    self.session = session
-                    self.state = "handshaking"
-                    await session.wait_finished()
-                    self.session = None
                     if session.peer is not None and session.up_since is not None:
                         self.learned_key = session.peer
-                    down = session.down
-                    if down is not None:
-                        self.last_error = down.reason
+                    if session.down is not None:
+                        self.last_error = session.down.reason
                     if session.up_since is not None and time.monotonic() - started >= STABLE_AFTER:
                         self.failures = 0
                 self.failures += 1
@@ -102,3 +99,9 @@ class Dialer:
                     "peer unreachable, retrying", error=self.last_error, retry_in=round(delay, 2)
                 )
                 await trio.sleep(delay)
+
+
+def _describe(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError) and not exc.strerror:
+        return str(exc) or "timed out"
+    return exc.strerror or str(exc) or type(exc).__name__

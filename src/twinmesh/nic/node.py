@@ -37,7 +37,7 @@ from twinmesh.errors import (
 )
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.config import NicConfig
-from twinmesh.nic.dialer import Dialer
+from twinmesh.nic.dialer import DIAL_TIMEOUT, Dialer
 from twinmesh.nic.health import Metric
 from twinmesh.nic.session import LinkSession
 from twinmesh.proto.link import DownKind, Link, LinkDown
@@ -139,7 +139,7 @@ class Nic:
             return False
         if self._nursery is None:
             raise RuntimeError("add_peer needs a running NIC")
-        dialer = Dialer(uri, self.config.reconnect, self._connect, self._standby, self._rng)
+        dialer = Dialer(uri, self.config.reconnect, self._link, self._standby, self._rng)
         self.dialers[name] = dialer
         self._nursery.start_soon(self._run_dialer, name, dialer)
         self.log.info("peer added", uri=str(uri))
@@ -173,9 +173,10 @@ class Nic:
 
     def _stop_dialer(self, name: str, dialer: Dialer) -> None:
         del self.dialers[name]
-        dialer.stop()
         if dialer.session is not None:
+            # Queue the goodbye first; the session flushes it as the dialer is cancelled.
             dialer.session.close("peer removed by admin")
+        dialer.stop()
         self.log.info("peer removed", uri=name)
 
     async def _run_dialer(self, name: str, dialer: Dialer) -> None:
@@ -190,15 +191,15 @@ class Nic:
             dialer.state = "standby"
             await existing.wait_finished()
 
-    async def _connect(self, dialer: Dialer) -> LinkSession | None:
+    async def _link(self, dialer: Dialer) -> None:
+        """Dial `dialer.uri` and run the link until it ends (the dialer's task owns it)."""
         uri = dialer.uri
-        stream = await self._carrier(uri).dial(uri)
-        session = self._new_session(
-            stream, initiator=True, uri=str(uri), expected=uri.key, carrier=uri.scheme
-        )
-        assert self._nursery is not None
-        self._nursery.start_soon(self._run_session, session)
-        return session
+        async with self._carrier(uri).connect(uri, timeout=DIAL_TIMEOUT) as stream:
+            session = self._new_session(
+                stream, initiator=True, uri=str(uri), expected=uri.key, carrier=uri.scheme
+            )
+            dialer.attach(session)
+            await self._run_session(session)
 
     async def _accept(self, scheme: str, stream: trio.abc.Stream, remote: str) -> None:
         if len(self.sessions) >= self.config.max_links:

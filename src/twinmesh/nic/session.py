@@ -137,6 +137,7 @@ class LinkSession:
                 if self.down is None:
                     # Cancelled from outside (the NIC is stopping): say so to the peer.
                     self._dispatch(self.core.close("NIC shutting down", trio.current_time()))
+                if self.core.has_data_to_send:  # a goodbye (Close, Refuse) not yet sent
                     with trio.move_on_after(GOODBYE_TIMEOUT):
                         await self._flush()
                 self._queue_in.close()
@@ -185,6 +186,11 @@ class LinkSession:
                 await self._flush()
 
     async def _flush(self) -> None:
+        # Nothing queued: skip the lock, whose acquire costs a trip through the scheduler
+        # (the reader flushes after every read, mostly with nothing to say). Every caller
+        # checkpoints elsewhere in its loop; whoever queues bytes later flushes them.
+        if not self.core.has_data_to_send:
+            return
         async with self._send_lock:
             data = self.core.data_to_send()
             if data:

@@ -247,6 +247,11 @@ class Link:
         self._outgoing.clear()
         return data
 
+    @property
+    def has_data_to_send(self) -> bool:
+        """True when `data_to_send()` would return bytes (a shell may skip its write)."""
+        return bool(self._outgoing)
+
     def get_timer(self) -> float | None:
         """When `handle_timer` next needs to run, or None when closed."""
         if self.state is State.CLOSED:

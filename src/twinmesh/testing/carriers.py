@@ -1,6 +1,6 @@
 """A conformance suite for carriers: what every `Carrier` must do, checked live.
 
-Each check starts `carrier.serve(listen, ...)` with a small scripted handler, dials
+Each check starts `carrier.serve(listen, ...)` with a small scripted handler, connects
 the bound URI and watches what happens. The first byte a client sends tells the
 handler what to do: `E` echo until EOF, `C` return at once, `R` raise.
 
@@ -75,16 +75,14 @@ async def expect_end(stream: trio.abc.Stream) -> None:
 
 
 async def check_echo_small(carrier: Carrier, bound: PeerUri, server: _Server) -> None:
-    stream = await carrier.dial(bound)
-    async with stream:
+    async with carrier.connect(bound) as stream:
         await stream.send_all(b"Ehello")
         assert await receive_exactly(stream, 5) == b"hello"
 
 
 async def check_echo_1mib(carrier: Carrier, bound: PeerUri, server: _Server) -> None:
     payload = random.Random(1).randbytes(BIG)
-    stream = await carrier.dial(bound)
-    async with stream, trio.open_nursery() as nursery:
+    async with carrier.connect(bound) as stream, trio.open_nursery() as nursery:
 
         async def send() -> None:
             await stream.send_all(b"E")
@@ -97,23 +95,21 @@ async def check_echo_1mib(carrier: Carrier, bound: PeerUri, server: _Server) -> 
 
 async def check_one_big_send_all(carrier: Carrier, bound: PeerUri, server: _Server) -> None:
     payload = random.Random(2).randbytes(BIG)
-    stream = await carrier.dial(bound)
-    async with stream, trio.open_nursery() as nursery:
+    async with carrier.connect(bound) as stream, trio.open_nursery() as nursery:
         nursery.start_soon(stream.send_all, b"E" + payload)
         assert await receive_exactly(stream, BIG) == payload
 
 
 async def check_client_close_is_eof(carrier: Carrier, bound: PeerUri, server: _Server) -> None:
-    stream = await carrier.dial(bound)
-    await stream.send_all(b"Eping")
-    assert await receive_exactly(stream, 4) == b"ping"
-    await stream.aclose()
-    await server.eof_seen.wait()
+    async with carrier.connect(bound) as stream:
+        await stream.send_all(b"Eping")
+        assert await receive_exactly(stream, 4) == b"ping"
+        await stream.aclose()  # closing inside the block is allowed, and idempotent
+        await server.eof_seen.wait()
 
 
 async def check_server_close_is_end(carrier: Carrier, bound: PeerUri, server: _Server) -> None:
-    stream = await carrier.dial(bound)
-    async with stream:
+    async with carrier.connect(bound) as stream:
         await stream.send_all(b"C")
         await expect_end(stream)
 
@@ -121,8 +117,7 @@ async def check_server_close_is_end(carrier: Carrier, bound: PeerUri, server: _S
 async def check_send_to_closed_peer_breaks(
     carrier: Carrier, bound: PeerUri, server: _Server
 ) -> None:
-    stream = await carrier.dial(bound)
-    async with stream:
+    async with carrier.connect(bound) as stream:
         await stream.send_all(b"C")
         await expect_end(stream)
         try:
@@ -137,8 +132,7 @@ async def check_failing_handler_keeps_listener(
     carrier: Carrier, bound: PeerUri, server: _Server
 ) -> None:
     for _ in range(3):
-        stream = await carrier.dial(bound)
-        async with stream:
+        async with carrier.connect(bound) as stream:
             await stream.send_all(b"R")
             await expect_end(stream)
     await check_echo_small(carrier, bound, server)

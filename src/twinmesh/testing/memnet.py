@@ -40,12 +40,13 @@ import math
 import operator
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 import trio
 
-from twinmesh.carriers.base import ConnectionHandler
+from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, dial_with_timeout
 from twinmesh.carriers.uri import PeerUri
 
 DEFAULT_BUFFER_SIZE = 256 * 1024
@@ -233,6 +234,15 @@ class MemoryCarrier:
         there, across a partition, or when the listener's backlog is full."""
         _check_scheme(uri)
         return await self.net._connect(self.node, uri.host)
+
+    @asynccontextmanager
+    async def connect(
+        self, uri: PeerUri, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
+    ) -> AsyncIterator[trio.abc.Stream]:
+        """The `Carrier` interface: `dial` within `timeout`, closed when the block ends."""
+        stream = await dial_with_timeout(lambda: self.dial(uri), uri, timeout)
+        async with stream:
+            yield stream
 
     async def serve(
         self,
