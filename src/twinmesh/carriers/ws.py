@@ -37,10 +37,10 @@ as EOF (b""); a reset, an abnormal close or a protocol violation raises
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 import operator
 import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import trio
