@@ -87,10 +87,22 @@ class LinkSession:
         return self.core.is_up and self.down is None
 
     async def send(self, payload: bytes) -> None:
-        """Queue a payload, waiting while the send queue is full (back-pressure)."""
+        """Queue a payload, waiting while the send queue is full (back-pressure).
+
+        Always a cancel point; a schedule point only when the queue is full. A sender
+        in a tight loop therefore runs ahead by at most `send_queue` payloads before it
+        yields, and the writer then drains them in one write: 2.3x the messages per
+        second of yielding on every call (docs/BENCHMARKS.md).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check_sendable(payload)
         try:
-            await self._queue_in.send(payload)
+            self._queue_in.send_nowait(payload)
+        except trio.WouldBlock:
+            try:
+                await self._queue_in.send(payload)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise LinkClosedError(f"link {self.id} is closed") from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise LinkClosedError(f"link {self.id} is closed") from None
 

@@ -1,0 +1,290 @@
+"""Floors: what loopback TCP under trio, and the crypto and encoding a link needs, cost
+on this machine, measured in the same run. Link figures are reported as ratios of these.
+
+Both ends of every TCP floor live in this one process and one trio loop, exactly like
+the link figures they are compared with, so the comparison is like for like.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Awaitable, Callable
+
+import nacl.bindings as sodium
+import nacl.utils
+import trio
+
+from bench.measure import Bound, Context, Figure, Stats
+from twinmesh.identity.keys import Identity
+from twinmesh.wire import schemas
+
+TITLE = "Floors"
+
+PREFIX = struct.Struct(">I")
+SMALL = 100
+LARGE = 64 * 1024
+READ_SIZE = 256 * 1024
+RUN_TIMEOUT = 20.0  # seconds one throughput run may take before it is cut short
+
+TcpHandler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+def plan(ctx: Context) -> dict[str, int]:
+    return {
+        "echo": ctx.pick(5000, 500),
+        "small": ctx.pick(50000, 10000),
+        "large": ctx.pick(5000, 1000),
+        "runs": ctx.pick(7, 3),
+        "batches": ctx.pick(15, 5),
+    }
+
+
+def method(ctx: Context) -> str:
+    p = plan(ctx)
+    return f"""\
+The physical limit of this machine for the same kind of work, re-measured in every run.
+Both ends of each TCP floor run in this process on one trio loop, on 127.0.0.1, with
+trio's default `TCP_NODELAY`.
+
+- **trio TCP echo RTT**: one client task sends 100 B, an echo task in the same loop
+  sends it back; the client times write → full reply read. {p["echo"]} round trips after
+  50 warm-up ones; median, p10-p90, p99.
+- **raw TCP 100 B / 64 KiB**: the sender writes length-prefixed frames (4-byte length +
+  payload, no crypto, no encoding) with one `send_all` per message as fast as the socket
+  takes them; the receiver task parses frames out of 256 KiB reads and copies each
+  payload out. Timed from the first write to the last frame parsed; {p["small"]} x 100 B
+  or {p["large"]} x 64 KiB per run, median and min-max of {p["runs"]} runs after a
+  warm-up run. MB/s counts payload bytes (10⁶ B).
+- **CPU floors** (no I/O; mean per operation over a batch, batches taken round-robin
+  across the floors; median and min-max of {p["batches"]} batches): ChaCha20-Poly1305
+  (IETF, the link's AEAD) encrypt + decrypt of 100 B and 64 KiB; the Cap'n Proto
+  `LinkMessage.data` envelope built, serialized and read back (100 B); ed25519 sign +
+  verify (the handshake does two of each); X25519 keypair + shared secret (the
+  handshake does two of each).
+"""
+
+
+async def run(ctx: Context) -> None:
+    p = plan(ctx)
+    async with trio.open_nursery() as nursery:
+        await _echo_rtt(ctx, nursery, p["echo"])
+        await _pipelined(ctx, nursery, SMALL, p["small"], p["runs"])
+        await _pipelined(ctx, nursery, LARGE, p["large"], p["runs"])
+        nursery.cancel_scope.cancel()
+    _cpu_floors(ctx)
+
+
+async def serve_loopback(nursery: trio.Nursery, handler: TcpHandler) -> int:
+    """Listen on 127.0.0.1 (kernel-chosen port) until `nursery` is cancelled."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(trio.serve_listeners, handler, listeners)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+# ------------------------------------------------------------------------- echo
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    while data := await stream.receive_some(READ_SIZE):
+        await stream.send_all(data)
+
+
+async def _echo_rtt(ctx: Context, nursery: trio.Nursery, count: int) -> None:
+    ctx.progress.start(f"floor: trio TCP echo RTT, 100 B x {count}")
+    port = await serve_loopback(nursery, _echo)
+    payload = nacl.utils.random(SMALL)
+    samples: list[float] = []
+    bound = Bound(30.0)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        for i in range(50 + count):
+            started = time.perf_counter()
+            await stream.send_all(payload)
+            got = 0
+            while got < SMALL:
+                chunk = await stream.receive_some(READ_SIZE)
+                if not chunk:
+                    raise RuntimeError("echo server hung up")
+                got += len(chunk)
+            if i >= 50:
+                samples.append((time.perf_counter() - started) * 1e3)
+            if bound.expired:
+                break
+    stats = Stats.of(samples)
+    figure = ctx.add(
+        Figure(
+            key="floor.echo_rtt",
+            group=TITLE,
+            name="trio TCP echo RTT, 100 B",
+            value=stats.median,
+            unit="ms",
+            spread=(stats.p10, stats.p90),
+            spread_kind="p10-p90",
+            detail=f"p99 {stats.p99:.3f} ms, n={stats.n}",
+            short="trio echo",
+        )
+    )
+    ctx.progress.done(figure)
+
+
+# -------------------------------------------------------------------- pipelined
+
+
+class _FrameSink:
+    """The receiving end of a raw-TCP floor run: counts whole frames."""
+
+    def __init__(self) -> None:
+        self.target = 0
+        self.count = 0
+        self.done = trio.Event()
+
+    def expect(self, target: int) -> None:
+        self.target = target
+        self.count = 0
+        self.done = trio.Event()
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        while data := await stream.receive_some(READ_SIZE):
+            buf += data
+            offset = 0
+            end = len(buf)
+            while end - offset >= PREFIX.size:
+                (length,) = PREFIX.unpack_from(buf, offset)
+                stop = offset + PREFIX.size + length
+                if stop > end:
+                    break
+                bytes(buf[offset + PREFIX.size : stop])  # hand the payload out: a copy
+                offset = stop
+                self.count += 1
+                if self.count == self.target:
+                    self.done.set()
+            del buf[:offset]
+
+
+async def _pipelined(
+    ctx: Context, nursery: trio.Nursery, size: int, count: int, runs: int
+) -> None:
+    label = "100 B" if size == SMALL else "64 KiB"
+    ctx.progress.start(f"floor: raw TCP, {label} x {count}, {runs} runs")
+    sink = _FrameSink()
+    port = await serve_loopback(nursery, sink.serve)
+    frame = PREFIX.pack(size) + nacl.utils.random(size)
+    rates: list[float] = []
+    notes: list[str] = []
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        for run_index in range(runs + 1):  # run 0 warms up
+            n = max(1, count // 10) if run_index == 0 else count
+            sink.expect(n)
+            started = time.perf_counter()
+            with trio.move_on_after(RUN_TIMEOUT) as scope:
+                for _ in range(n):
+                    await stream.send_all(frame)
+                await sink.done.wait()
+            elapsed = time.perf_counter() - started
+            if scope.cancelled_caught:
+                notes.append(f"a run was cut at {RUN_TIMEOUT:g} s after {sink.count}/{n} msgs")
+                break
+            if run_index:
+                rates.append(n / elapsed)
+    _add_rate(ctx, f"floor.tcp_{label_key(size)}", f"raw TCP, {label} msgs, one way", rates,
+              size, notes, short=f"raw TCP {label}")
+
+
+def label_key(size: int) -> str:
+    return "100b" if size == SMALL else "64k"
+
+
+def _add_rate(
+    ctx: Context, key: str, name: str, rates: list[float], size: int, notes: list[str],
+    short: str,
+) -> None:
+    if not rates:
+        ctx.progress.done(text="no complete run")
+        return
+    stats = Stats.of(rates)
+    mbps = [r * size / 1e6 for r in rates]
+    if size == SMALL:
+        figure = Figure(key=key, group=TITLE, name=name, value=stats.median, unit="msgs/s",
+                        spread=(stats.low, stats.high), spread_kind=f"min-max of {stats.n}",
+                        detail=f"{Stats.of(mbps).median:.1f} MB/s", notes=notes, short=short)
+    else:
+        mb = Stats.of(mbps)
+        figure = Figure(key=key, group=TITLE, name=name, value=mb.median, unit="MB/s",
+                        spread=(mb.low, mb.high), spread_kind=f"min-max of {mb.n}",
+                        detail=f"{stats.median:,.0f} msgs/s", notes=notes, short=short)
+    ctx.add(figure)
+    ctx.progress.done(figure)
+
+
+# -------------------------------------------------------------------------- CPU
+
+
+def _cpu_floors(ctx: Context) -> None:
+    key = nacl.utils.random(32)
+    nonce = bytes(12)
+    small = nacl.utils.random(SMALL)
+    large = nacl.utils.random(LARGE)
+    identity = Identity.generate()
+    public = identity.public
+    peer_point = public.to_x25519()
+    link = schemas.link
+
+    def aead(payload: bytes) -> Callable[[], object]:
+        def op() -> object:
+            sealed = sodium.crypto_aead_chacha20poly1305_ietf_encrypt(payload, None, nonce, key)
+            return sodium.crypto_aead_chacha20poly1305_ietf_decrypt(sealed, None, nonce, key)
+
+        return op
+
+    def envelope() -> object:
+        message = link.LinkMessage.new_message()
+        message.data = small
+        data = message.to_bytes()
+        with link.LinkMessage.from_bytes(data) as reader:
+            return (str(reader.which()), bytes(reader.data))
+
+    def sign_verify() -> object:
+        return public.verify(identity.sign(small), small)
+
+    def x25519() -> object:
+        private = nacl.utils.random(32)
+        sodium.crypto_scalarmult_base(private)
+        return sodium.crypto_scalarmult(private, peer_point)
+
+    cases: list[tuple[str, str, str, Callable[[], object], int]] = [
+        ("floor.aead_100b", "ChaCha20-Poly1305 encrypt+decrypt, 100 B", "AEAD 100 B",
+         aead(small), 2000),
+        ("floor.aead_64k", "ChaCha20-Poly1305 encrypt+decrypt, 64 KiB", "AEAD 64 KiB",
+         aead(large), 100),
+        ("floor.capnp", "Cap'n Proto data envelope build+serialize+read", "envelope",
+         envelope, 2000),
+        ("floor.ed25519", "ed25519 sign+verify", "ed25519 sign+verify", sign_verify, 200),
+        ("floor.x25519", "X25519 keypair + shared secret", "X25519", x25519, 200),
+    ]
+    # Batches run round-robin across the cases, so a burst of other work on the machine
+    # spoils one batch of each floor rather than every batch of one floor.
+    batches = plan(ctx)["batches"]
+    ctx.progress.start(f"floor: {len(cases)} CPU floors, {batches} interleaved batches each")
+    means: dict[str, list[float]] = {key_name: [] for key_name, *_ in cases}
+    bound = Bound(20.0)
+    for _, _, _, op, _ in cases:
+        op()  # warm caches and lazy initialisation
+    for _ in range(batches):
+        for key_name, _, _, op, ops in cases:
+            started = time.perf_counter()
+            for _ in range(ops):
+                op()
+            means[key_name].append((time.perf_counter() - started) / ops * 1e6)
+        if bound.expired:
+            break
+    ctx.progress.done(text="done")
+    for key_name, name, short, _, ops in cases:
+        stats = Stats.of(means[key_name])
+        ctx.add(
+            Figure(key=key_name, group=TITLE, name=name, value=stats.median, unit="us",
+                   spread=(stats.low, stats.high), spread_kind=f"min-max of {stats.n} batches",
+                   detail=f"{ops} ops per batch", short=short)
+        )
+        ctx.progress.note(f"{name}: {stats.median:.2f} µs")
