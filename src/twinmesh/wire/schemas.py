@@ -34,6 +34,7 @@ def _load(name: str) -> Any:
 
 link: Any = _load("link.capnp")
 admin: Any = _load("admin.capnp")
+route: Any = _load("route.capnp")
 
 # Readers refuse messages that would make them walk more than this many words or this
 # deep, so a hostile frame cannot cost more than its own size to look at.
