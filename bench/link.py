@@ -18,7 +18,8 @@ from bench.measure import Bound, Context, Figure, Stats, cpu_time_per_op
 from twinmesh.carriers.uri import PeerUri
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.config import NicConfig
-from twinmesh.nic.node import DataHandler, Nic
+from twinmesh.nic.node import Nic
+from twinmesh.nic.overlay import PacketHandler
 from twinmesh.proto.link import Link
 
 TITLE = "Link data path"
@@ -49,15 +50,16 @@ its configured peer (key pinned) and links through its dialer, the way `pnicd` d
 Every figure is taken on an established link.
 
 - **throughput, 100 B / 64 KiB**: one task calls `await nic_a.send(b, payload)` in a
-  loop as fast as back-pressure allows; B's `on_data` callback counts payloads. Timed
+  loop as fast as back-pressure allows; B's `on_packet` callback counts payloads (each
+  is an overlay packet addressed to the neighbour, routed over the link). Timed
   from the first send to the last payload counted. {p["small"]} x 100 B or
   {p["large"]} x 64 KiB per run; median and min-max of {p["runs"]} runs after a warm-up
   run. MB/s counts payload bytes (10⁶ B); encryption, framing and the Cap'n Proto
   envelope are extra bytes on the wire. Ratio: against the raw TCP floor for the same
   payload size (length-prefixed frames, one `send_all` each, no crypto).
-- **RTT, 100 B**: A sends 100 B; B's `on_data` hands it to an echo task that
-  `await nic_b.send()`s it back; A's `on_data` wakes the pinging task. Timed from A's
-  `send` to the echo arriving in A's `on_data` consumer. {p["pings"]} round trips after
+- **RTT, 100 B**: A sends 100 B; B's `on_packet` hands it to an echo task that
+  `await nic_b.send()`s it back; A's `on_packet` wakes the pinging task. Timed from A's
+  `send` to the echo arriving in A's `on_packet` consumer. {p["pings"]} round trips after
   50 warm-up ones; median, p10-p90, p99. Ratio: against the trio TCP echo RTT floor.
 - **core data path (CPU)**: `Link.send_data` + `data_to_send` on one core and
   `receive_data` on its peer for one 100 B payload (encode, encrypt, frame; unframe,
@@ -119,19 +121,19 @@ async def run(ctx: Context) -> None:
 @asynccontextmanager
 async def nic_pair(
     scheme: str,
-    on_data_a: DataHandler,
-    on_data_b: DataHandler,
+    on_data_a: PacketHandler,
+    on_data_b: PacketHandler,
 ) -> AsyncIterator[tuple[Nic, Nic]]:
     """Two running NICs, A linked to B over `scheme`; both stop when the block ends."""
     with tempfile.TemporaryDirectory(prefix="twinmesh-bench-") as tmp:
         async with trio.open_nursery() as nursery:
             b = Nic(Identity.generate(),
                     NicConfig(state_dir=Path(tmp) / "b", listen=(PeerUri.parse(LISTEN[scheme]),)),
-                    on_data=on_data_b)
+                    on_packet=on_data_b)
             await nursery.start(b.run)
             target = replace(b.listening[0], key=b.key)
             a = Nic(Identity.generate(), NicConfig(state_dir=Path(tmp) / "a", peers=(target,)),
-                    on_data=on_data_a)
+                    on_packet=on_data_a)
             await nursery.start(a.run)
             for _ in range(int(LINK_TIMEOUT / POLL)):
                 if _up(a, b.key) and _up(b, a.key):
@@ -149,7 +151,7 @@ def _up(nic: Nic, peer: PublicKey) -> bool:
 
 
 class _Sink:
-    """Both NICs' `on_data`: B counts (or echoes), A hands echoes to the pinger."""
+    """Both NICs' `on_packet`: B counts (or echoes), A hands echoes to the pinger."""
 
     def __init__(self) -> None:
         self.target = 0
@@ -164,7 +166,7 @@ class _Sink:
         self.count = 0
         self.done = trio.Event()
 
-    def b_received(self, peer: PublicKey, data: bytes) -> None:
+    def b_received(self, peer: PublicKey, data: bytes, hops: int) -> None:
         if self.echo:
             self.echo_in.send_nowait((peer, data))
             return
@@ -172,7 +174,7 @@ class _Sink:
         if self.count == self.target:
             self.done.set()
 
-    def a_received(self, peer: PublicKey, data: bytes) -> None:
+    def a_received(self, peer: PublicKey, data: bytes, hops: int) -> None:
         self.pong_in.send_nowait(data)
 
 

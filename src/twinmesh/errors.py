@@ -13,6 +13,7 @@
     │       ├── HandshakeRefused   wrong pinned key, not allowed, or the peer refused us
     │       └── AuthenticationError  a bad signature, a tampered, replayed or reordered frame
     ├── LinkClosedError        the link is gone (locally closed or broken by the peer)
+    ├── NoRouteError           the overlay has no route to that key
     └── AdminError             the admin API answered with an error
 
 Any other exception escaping a decoder is a bug; the fuzz tests check exactly that promise.
@@ -63,6 +64,10 @@ class AuthenticationError(RemoteProtocolError):
 
 class LinkClosedError(TwinmeshError):
     """The link is closed; nothing more can be sent on it."""
+
+
+class NoRouteError(TwinmeshError):
+    """The overlay has no route to the destination key."""
 
 
 class AdminError(TwinmeshError):

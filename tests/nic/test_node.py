@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from twinmesh.carriers.uri import PeerUri
-from twinmesh.errors import LinkClosedError
+from twinmesh.errors import NoRouteError
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.config import NicConfig, ReconnectConfig
 from twinmesh.nic.node import Nic
@@ -29,7 +29,7 @@ class Node:
         self.name = name
         self.nic = nic
         self.received: list[tuple[PublicKey, bytes]] = []
-        nic.on_data = lambda peer, data: self.received.append((peer, data))
+        nic.overlay.on_packet = lambda peer, data, hops: self.received.append((peer, data))
 
     @property
     def uri(self) -> PeerUri:
@@ -217,7 +217,7 @@ async def test_remove_peer_by_key_and_by_uri(autojump_clock: trio.testing.MockCl
             await trio.sleep(5)  # no dialer brings them back
             assert not b.up_peers() and not b.nic.dialers
             assert b.nic.remove_peer("memory://c") == 0
-            with pytest.raises(LinkClosedError):
+            with pytest.raises(NoRouteError):
                 await b.nic.send(a.nic.key, b"gone")
 
 

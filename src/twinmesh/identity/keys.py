@@ -28,7 +28,8 @@ class PublicKey:
         if len(raw) != KEY_SIZE:
             raise ValueError(f"a public key is {KEY_SIZE} bytes, got {len(raw)}")
         self._raw = bytes(raw)
-        self._text = base64.b32encode(self._raw).decode("ascii").rstrip("=").lower()
+        # Computed on first use: packets build keys on the hot path and rarely print them.
+        self._text: str | None = None
         self._verify_key: nacl.signing.VerifyKey | None = None
 
     @classmethod
@@ -54,12 +55,14 @@ class PublicKey:
 
     @property
     def text(self) -> str:
+        if self._text is None:
+            self._text = base64.b32encode(self._raw).decode("ascii").rstrip("=").lower()
         return self._text
 
     @property
     def short(self) -> str:
         """A prefix that is unique enough for log lines and tables."""
-        return self._text[:12]
+        return self.text[:12]
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True when `signature` is this key's signature over `message`."""
@@ -85,10 +88,10 @@ class PublicKey:
         return hash(self._raw)
 
     def __repr__(self) -> str:
-        return f"PublicKey({self._text})"
+        return f"PublicKey({self.text})"
 
     def __str__(self) -> str:
-        return self._text
+        return self.text
 
 
 class Identity:

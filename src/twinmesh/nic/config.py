@@ -35,6 +35,7 @@ from twinmesh.carriers.uri import PeerUri
 from twinmesh.errors import ConfigError
 from twinmesh.identity.keys import PublicKey
 from twinmesh.proto.link import LinkConfig
+from twinmesh.proto.router import RouterConfig
 
 ADMIN_SOCKET = "admin.sock"
 KEY_FILE = "nic.key"
@@ -72,6 +73,7 @@ class NicConfig:
     send_queue: int = 256
     link: LinkConfig = field(default_factory=LinkConfig)
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     @property
     def admin_socket(self) -> Path:

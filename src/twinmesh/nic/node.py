@@ -17,7 +17,6 @@ import functools
 import os
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -33,16 +32,14 @@ from twinmesh.errors import (
     DecodeError,
     FrameTooLarge,
     HandshakeRefused,
-    LinkClosedError,
 )
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.config import NicConfig
 from twinmesh.nic.dialer import DIAL_TIMEOUT, Dialer
 from twinmesh.nic.health import Metric
+from twinmesh.nic.overlay import Overlay, PacketHandler, PingReply
 from twinmesh.nic.session import LinkSession
 from twinmesh.proto.link import DownKind, Link, LinkDown
-
-DataHandler = Callable[[PublicKey, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -83,13 +80,12 @@ class Nic:
         config: NicConfig,
         carriers: dict[str, Carrier] | None = None,
         *,
-        on_data: DataHandler | None = None,
+        on_packet: PacketHandler | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.identity = identity
         self.config = config
         self.carriers = carriers if carriers is not None else default_carriers()
-        self.on_data = on_data
         self.sessions: dict[int, LinkSession] = {}
         self.by_peer: dict[PublicKey, LinkSession] = {}
         self.dialers: dict[str, Dialer] = {}
@@ -98,6 +94,7 @@ class Nic:
         self.links_established = 0
         # Traffic of links that have ended, so /metrics counters never go backwards.
         self.ended_traffic = collections.Counter[str]()
+        self.overlay = Overlay(identity, self.by_peer, config.router, on_packet)
         self._rng = rng or random.Random()
         self._nursery: trio.Nursery | None = None
         self._started_at = time.monotonic()
@@ -110,6 +107,7 @@ class Nic:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self._started_at = time.monotonic()
+            await nursery.start(self.overlay.run)
             for uri in self.config.listen:
                 carrier = self._carrier(uri)
                 handler = functools.partial(self._accept, uri.scheme)
@@ -266,15 +264,19 @@ class Nic:
             if keep is existing:
                 return
         self.by_peer[peer] = session
+        self.overlay.neighbor_up(peer)
 
     def link_data(self, session: LinkSession, data: bytes) -> None:
-        if self.on_data is not None and session.peer is not None:
-            self.on_data(session.peer, data)
+        peer = session.peer
+        # Only the link we keep for a peer carries overlay traffic.
+        if peer is not None and self.by_peer.get(peer) is session:
+            self.overlay.receive(peer, data)
 
     def link_down(self, session: LinkSession, down: LinkDown) -> None:
         peer = session.peer
         if peer is not None and self.by_peer.get(peer) is session:
             del self.by_peer[peer]
+            self.overlay.neighbor_down(peer)
         if session.up_since is None and down.kind is not DownKind.CLOSED_LOCALLY:
             self.handshake_failures[_failure_label(down)] += 1
 
@@ -290,12 +292,14 @@ class Nic:
 
     # ------------------------------------------------------------------- data
 
-    async def send(self, peer: PublicKey, payload: bytes) -> None:
-        """Send a payload to a directly linked peer, waiting on back-pressure."""
-        session = self.by_peer.get(peer)
-        if session is None:
-            raise LinkClosedError(f"no link to {peer.text}")
-        await session.send(payload)
+    async def send(self, destination: PublicKey, payload: bytes) -> None:
+        """Send a payload packet to any NIC on the overlay, waiting on back-pressure.
+
+        Raises NoRouteError when the overlay has no route to `destination`."""
+        await self.overlay.send(destination, payload)
+
+    async def ping(self, destination: PublicKey, timeout: float = 2.0) -> PingReply:
+        return await self.overlay.ping(destination, timeout)
 
     # ---------------------------------------------------------- introspection
 

@@ -14,6 +14,7 @@ and a data batch never interleave. Events go to the owner through `LinkObserver`
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import time
@@ -32,6 +33,7 @@ READ_SIZE = 256 * 1024
 # Most bytes one write gathers from the queue before flushing.
 WRITE_BATCH_BYTES = 256 * 1024
 GOODBYE_TIMEOUT = 0.5
+MAX_CONTROL_BACKLOG = 4096
 
 
 class LinkObserver(Protocol):
@@ -72,6 +74,7 @@ class LinkSession:
         self._timer_scope: trio.CancelScope | None = None
         self._finished = trio.Event()
         self._down_event = trio.Event()
+        self._control_backlog: collections.deque[bytes] = collections.deque()
         self.log = structlog.get_logger("twinmesh.link").bind(
             link=self.id, direction=direction, uri=uri
         )
@@ -113,6 +116,24 @@ class LinkSession:
             self._queue_in.send_nowait(payload)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise LinkClosedError(f"link {self.id} is closed") from None
+
+    def send_control(self, payload: bytes) -> None:
+        """Queue a control payload (routing) that must not be dropped: it goes into the
+        send queue, or when that is full into a bounded backlog sent right after it.
+        A peer so slow that the backlog overflows is not really there: the link closes."""
+        self._check_sendable(payload)
+        if not self._control_backlog:
+            try:
+                self._queue_in.send_nowait(payload)
+                return
+            except trio.WouldBlock:
+                pass
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                raise LinkClosedError(f"link {self.id} is closed") from None
+        if len(self._control_backlog) >= MAX_CONTROL_BACKLOG:
+            self.close("control backlog overflow: the peer does not read")
+            return
+        self._control_backlog.append(payload)
 
     def close(self, reason: str) -> None:
         """Say goodbye to the peer (best effort) and stop the session."""
@@ -183,6 +204,10 @@ class LinkSession:
                     break
                 self.core.send_data(more, now)
                 size += len(more)
+            # Control that did not fit in the queue goes after what was already queued,
+            # so control messages keep their order.
+            while self._control_backlog:
+                self.core.send_data(self._control_backlog.popleft(), now)
             await self._flush()
 
     async def _timer(self) -> None:

@@ -1,0 +1,195 @@
+"""The trio shell around the routing core: link events in, router outputs out.
+
+The NIC tells the `Overlay` when a peer's link comes up or goes down and hands it every
+payload a link delivers. The overlay feeds the `proto.router.Router`, sends what it
+returns on the right links, sleeps until `router.get_timer()`, and turns the router's
+events into deliveries, ping answers and log lines.
+
+Routing messages must not be lost (a lost retraction is a stale route), so they use
+`LinkSession.send_control`. Forwarded data packets use `send_nowait` and are dropped
+(and counted) when a link's queue is full: congestion is the layer above's business.
+Packets this NIC originates wait for room instead (back-pressure to the sender).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from twinmesh.errors import LinkClosedError, LocalProtocolError, NoRouteError
+from twinmesh.identity.keys import Identity, PublicKey
+from twinmesh.nic.session import LinkSession
+from twinmesh.proto.router import (
+    Delivered,
+    Output,
+    PongReceived,
+    Router,
+    RouterConfig,
+    RouteRow,
+    SendTo,
+    Unreachable,
+    Violation,
+)
+
+PacketHandler = Callable[[PublicKey, bytes, int], None]
+
+
+@dataclass(frozen=True)
+class PingReply:
+    rtt: float | None  # seconds; None when lost or unreachable
+    hops: int
+    error: str  # "" | "timeout" | "noRoute" | "hopLimitExceeded"
+    reported_by: PublicKey | None = None
+
+
+class Overlay:
+    def __init__(
+        self,
+        identity: Identity,
+        sessions: Mapping[PublicKey, LinkSession],
+        config: RouterConfig | None = None,
+        on_packet: PacketHandler | None = None,
+    ) -> None:
+        self.identity = identity
+        self.sessions = sessions  # the NIC's live links by peer; read only here
+        self.config = config or RouterConfig()
+        self.on_packet = on_packet
+        self.router: Router | None = None
+        self.dropped = 0  # forwarded packets dropped on full queues
+        self.violations = 0
+        self._ping_ids = itertools.count(1)
+        self._pings: dict[int, trio.MemorySendChannel[PingReply]] = {}
+        self._timer_scope: trio.CancelScope | None = None
+        self.log = structlog.get_logger("twinmesh.overlay").bind(node=identity.public.short)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Create the router and run its timers until cancelled."""
+        # Seed our seqno from the wall clock so a restarted NIC outruns what it
+        # announced in its previous life.
+        self.router = Router(
+            self.identity, now=trio.current_time(), seqno=int(time.time() * 1000),
+            config=self.config,
+        )
+        task_status.started()
+        while True:
+            with trio.CancelScope(deadline=self.router.get_timer()) as self._timer_scope:
+                await trio.sleep_forever()
+            self._timer_scope = None
+            self._handle(self.router.handle_timer(trio.current_time()))
+
+    # ---------------------------------------------------------- from the NIC
+
+    def neighbor_up(self, peer: PublicKey) -> None:
+        if self.router is not None:
+            self._handle(self.router.neighbor_up(peer, trio.current_time()))
+
+    def neighbor_down(self, peer: PublicKey) -> None:
+        if self.router is not None:
+            self._handle(self.router.neighbor_down(peer, trio.current_time()))
+
+    def receive(self, peer: PublicKey, data: bytes) -> None:
+        if self.router is not None:
+            self._handle(self.router.receive(peer, data, trio.current_time()))
+
+    # -------------------------------------------------------------- sending
+
+    async def send(self, destination: PublicKey, payload: bytes) -> None:
+        """Send a payload packet across the overlay, waiting on the first link's queue.
+
+        Raises NoRouteError when there is no route, LocalProtocolError when too large.
+        """
+        router = self._router()
+        outputs = router.send_payload(destination, payload, trio.current_time())
+        for output in outputs:
+            if isinstance(output, SendTo):
+                session = self.sessions.get(output.peer)
+                if session is None:
+                    raise NoRouteError(f"no route to {destination.text}")
+                try:
+                    await session.send(output.data)
+                except LinkClosedError:
+                    raise NoRouteError(f"the link towards {destination.text} went down") from None
+            elif isinstance(output, Unreachable):
+                raise NoRouteError(f"no route to {destination.text}")
+            else:
+                self._handle([output])
+
+    async def ping(self, destination: PublicKey, timeout: float = 2.0) -> PingReply:
+        """One overlay ping: RTT and hop count, or why it failed."""
+        router = self._router()
+        ping_id = next(self._ping_ids)
+        send, receive = trio.open_memory_channel[PingReply](1)
+        self._pings[ping_id] = send
+        try:
+            self._handle(router.ping(destination, ping_id, trio.current_time()))
+            with trio.move_on_after(timeout):
+                return await receive.receive()
+            return PingReply(None, 0, "timeout")
+        finally:
+            del self._pings[ping_id]
+
+    # ------------------------------------------------------------- outputs
+
+    def _handle(self, outputs: list[Output]) -> None:
+        for output in outputs:
+            if isinstance(output, SendTo):
+                self._send(output)
+            elif isinstance(output, Delivered):
+                if self.on_packet is not None:
+                    self.on_packet(output.source, output.payload, output.hops)
+            elif isinstance(output, PongReceived):
+                self._answer(output.ping_id, PingReply(output.rtt, output.hops, ""))
+            elif isinstance(output, Unreachable):
+                if output.ping_id:
+                    self._answer(output.ping_id, PingReply(
+                        None, 0, output.code, output.reported_by))
+            elif isinstance(output, Violation):
+                self.violations += 1
+                self.log.warning("bad overlay message", peer=output.peer.text,
+                                 reason=output.reason)
+        self._rearm()
+
+    def _send(self, output: SendTo) -> None:
+        session = self.sessions.get(output.peer)
+        if session is None or not session.is_up:
+            return  # the router hears about the link going down right after
+        try:
+            if output.control:
+                session.send_control(output.data)
+            else:
+                session.send_nowait(output.data)
+        except trio.WouldBlock:
+            self.dropped += 1
+        except (LinkClosedError, LocalProtocolError) as exc:
+            self.log.info("overlay send failed", peer=output.peer.short, reason=str(exc))
+
+    def _answer(self, ping_id: int, reply: PingReply) -> None:
+        channel = self._pings.get(ping_id)
+        if channel is not None:
+            # A second answer (a duplicate pong) finds the channel full: the first counts.
+            with contextlib.suppress(trio.WouldBlock):
+                channel.send_nowait(reply)
+
+    def _rearm(self) -> None:
+        if self._timer_scope is not None and self.router is not None:
+            self._timer_scope.deadline = self.router.get_timer()
+
+    def _router(self) -> Router:
+        if self.router is None:
+            raise LocalProtocolError("the overlay is not running yet")
+        return self.router
+
+    # --------------------------------------------------------- inspection
+
+    def routes(self) -> list[RouteRow]:
+        return self._router().routes(trio.current_time())
+
+    def lookup(self, destination: PublicKey) -> RouteRow | None:
+        return self._router().lookup(destination, trio.current_time())
+
