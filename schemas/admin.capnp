@@ -9,7 +9,15 @@ struct AdminRequest {
     peers @2 :Void;
     addPeer @3 :Text;        # a peer URI, e.g. tcp://127.0.0.1:9651?key=...
     removePeer @4 :Text;     # a peer key (printable form) or the URI it was added with
+    routes @5 :Void;
+    route @6 :Text;          # a destination key: the route the NIC would use
+    ping @7 :PingRequest;
   }
+}
+
+struct PingRequest {
+  key @0 :Text;              # destination NIC key
+  timeout @1 :Float64;       # seconds to wait for the pong
 }
 
 struct SelfInfo {
@@ -47,6 +55,22 @@ struct RemovePeerResult {
   removed @0 :UInt32;        # peers and links closed
 }
 
+struct RouteInfo {
+  destination @0 :Text;
+  nextHop @1 :Text;          # empty for the NIC itself
+  metric @2 :UInt16;         # hops
+  seqno @3 :UInt64;          # the destination's announcement sequence number
+  age @4 :Float64;           # seconds since the route was last refreshed
+  alternatives @5 :UInt32;   # other feasible routes held (for fast repair)
+}
+
+struct PingResult {
+  rtt @0 :Float64;           # seconds; -1 when lost
+  hops @1 :UInt8;
+  error @2 :Text;            # "" | "timeout" | "noRoute" | "hopLimitExceeded"
+  reportedBy @3 :Text;       # the NIC that reported an error
+}
+
 struct AdminResponse {
   id @0 :UInt32;
   union {
@@ -55,5 +79,8 @@ struct AdminResponse {
     peers @3 :List(PeerInfo);
     addPeer @4 :AddPeerResult;
     removePeer @5 :RemovePeerResult;
+    routes @6 :List(RouteInfo);
+    route @7 :RouteInfo;
+    ping @8 :PingResult;
   }
 }

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import trio
@@ -14,67 +10,15 @@ import trio.testing
 
 from twinmesh.carriers.uri import PeerUri
 from twinmesh.errors import NoRouteError
-from twinmesh.identity.keys import Identity, PublicKey
-from twinmesh.nic.config import NicConfig, ReconnectConfig
-from twinmesh.nic.node import Nic
-from twinmesh.proto.link import LinkConfig
+from twinmesh.identity.keys import Identity
 from twinmesh.testing.memnet import MemoryNetwork
-
-LINK = LinkConfig(keepalive_interval=0.5, dead_after=2.0, handshake_timeout=3.0)
-RECONNECT = ReconnectConfig(initial=0.5, max=4.0, jitter=0.1)
-
-
-class Node:
-    def __init__(self, name: str, nic: Nic) -> None:
-        self.name = name
-        self.nic = nic
-        self.received: list[tuple[PublicKey, bytes]] = []
-        nic.overlay.on_packet = lambda peer, data, hops: self.received.append((peer, data))
-
-    @property
-    def uri(self) -> PeerUri:
-        return PeerUri("memory", self.name, 0)
-
-    @property
-    def pinned(self) -> PeerUri:
-        return replace(self.uri, key=self.nic.key)
-
-    def up_peers(self) -> set[PublicKey]:
-        return {peer for peer, s in self.nic.by_peer.items() if s.is_up}
-
-
-@asynccontextmanager
-async def mesh(
-    net: MemoryNetwork, names: list[str], **overrides: object
-) -> AsyncIterator[dict[str, Node]]:
-    nodes: dict[str, Node] = {}
-    async with trio.open_nursery() as nursery:
-        for name in names:
-            config = NicConfig(
-                state_dir=Path("/nonexistent"),
-                listen=(PeerUri("memory", name, 0),),
-                link=LINK,
-                reconnect=RECONNECT,
-                **overrides,  # type: ignore[arg-type]
-            )
-            nic = Nic(
-                Identity.generate(), config, {"memory": net.carrier(name)}, rng=random.Random(1)
-            )
-            await nursery.start(nic.run)
-            nodes[name] = Node(name, nic)
-        yield nodes
-        nursery.cancel_scope.cancel()
-
-
-async def wait_for(predicate: Callable[[], bool], step: float = 0.05) -> None:
-    while not predicate():
-        await trio.sleep(step)
+from twinmesh.testing.nics import LINK, nic_mesh, wait_for
 
 
 async def test_two_nics_link_and_exchange_data(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
     with trio.fail_after(30):
-        async with mesh(net, ["a", "b"]) as n:
+        async with nic_mesh(net, ["a", "b"]) as n:
             a, b = n["a"], n["b"]
             b.nic.add_peer(a.pinned)
             await wait_for(lambda: a.up_peers() == {b.nic.key} and b.up_peers() == {a.nic.key})
@@ -94,7 +38,7 @@ async def test_silent_link_is_declared_down_then_recovers(
 ) -> None:
     net = MemoryNetwork()
     with trio.fail_after(60):
-        async with mesh(net, ["a", "b"]) as n:
+        async with nic_mesh(net, ["a", "b"]) as n:
             a, b = n["a"], n["b"]
             b.nic.add_peer(a.pinned)
             await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
@@ -117,7 +61,7 @@ async def test_silent_link_is_declared_down_then_recovers(
 async def test_broken_connection_reconnects(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
     with trio.fail_after(60):
-        async with mesh(net, ["a", "b"]) as n:
+        async with nic_mesh(net, ["a", "b"]) as n:
             a, b = n["a"], n["b"]
             b.nic.add_peer(a.pinned)
             await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
@@ -132,7 +76,7 @@ async def test_broken_connection_reconnects(autojump_clock: trio.testing.MockClo
 async def test_dialer_backs_off_while_peer_is_away(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
     with trio.fail_after(60):
-        async with mesh(net, ["b"]) as n:
+        async with nic_mesh(net, ["b"]) as n:
             b = n["b"]
             b.nic.add_peer(PeerUri.parse("memory://nobody"))
             await wait_for(lambda: b.nic.dialers["memory://nobody"].failures >= 4)
@@ -148,7 +92,7 @@ async def test_both_sides_dialling_keep_exactly_one_link(
 ) -> None:
     net = MemoryNetwork()
     with trio.fail_after(60):
-        async with mesh(net, ["a", "b"]) as n:
+        async with nic_mesh(net, ["a", "b"]) as n:
             a, b = n["a"], n["b"]
             a.nic.add_peer(b.pinned)
             b.nic.add_peer(a.pinned)
@@ -168,7 +112,7 @@ async def test_both_sides_dialling_keep_exactly_one_link(
 async def test_wrong_pinned_key_is_refused(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
     with trio.fail_after(30):
-        async with mesh(net, ["a", "b"]) as n:
+        async with nic_mesh(net, ["a", "b"]) as n:
             a, b = n["a"], n["b"]
             impostor = Identity.generate().public
             b.nic.add_peer(replace(a.uri, key=impostor))
@@ -181,7 +125,7 @@ async def test_wrong_pinned_key_is_refused(autojump_clock: trio.testing.MockCloc
 async def test_allow_list_refuses_unknown_keys(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
     with trio.fail_after(30):
-        async with mesh(net, ["a", "b"], allow=frozenset({Identity.generate().public})) as n:
+        async with nic_mesh(net, ["a", "b"], allow=frozenset({Identity.generate().public})) as n:
             a, b = n["a"], n["b"]
             b.nic.add_peer(a.uri)
             await wait_for(lambda: a.nic.handshake_failures["refused"] >= 1)
@@ -193,7 +137,7 @@ async def test_allow_list_refuses_unknown_keys(autojump_clock: trio.testing.Mock
 async def test_link_limit_refuses_extra_inbound(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
     with trio.fail_after(30):
-        async with mesh(net, ["a", "b", "c"], max_links=1) as n:
+        async with nic_mesh(net, ["a", "b", "c"], max_links=1) as n:
             a, b, c = n["a"], n["b"], n["c"]
             b.nic.add_peer(a.uri)
             await wait_for(lambda: bool(a.up_peers()))
@@ -205,7 +149,7 @@ async def test_link_limit_refuses_extra_inbound(autojump_clock: trio.testing.Moc
 async def test_remove_peer_by_key_and_by_uri(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
     with trio.fail_after(30):
-        async with mesh(net, ["a", "b", "c"]) as n:
+        async with nic_mesh(net, ["a", "b", "c"]) as n:
             a, b, c = n["a"], n["b"], n["c"]
             b.nic.add_peer(a.pinned)
             b.nic.add_peer(c.uri)
@@ -224,7 +168,7 @@ async def test_remove_peer_by_key_and_by_uri(autojump_clock: trio.testing.MockCl
 async def test_metrics_count_links_and_traffic(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
     with trio.fail_after(30):
-        async with mesh(net, ["a", "b"]) as n:
+        async with nic_mesh(net, ["a", "b"]) as n:
             a, b = n["a"], n["b"]
             b.nic.add_peer(a.pinned)
             await wait_for(lambda: bool(a.up_peers()))

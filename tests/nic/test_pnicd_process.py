@@ -27,6 +27,7 @@ from twinmesh.testing.processes import (
     parse_metrics,
     run_pnicd,
     run_pnicd_to_exit,
+    twinctl,
     twinctl_json,
     wait_until,
     write_config,
@@ -127,6 +128,37 @@ async def test_three_nics_in_a_line_over_mixed_carriers(tmp_path: Path, config: 
     for rows, key in zip(ends, (a.key, c.key), strict=True):
         assert [r["key"] for r in rows if r["state"] == "up"] == [b.key]
         assert all(r["key"] != key for r in rows)
+
+
+async def test_twinctl_routes_and_pings_across_two_hops(tmp_path: Path, config: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            run_pnicd(tmp_path / "a", config=config) as a,
+            run_pnicd(tmp_path / "b", "--peer", a.uri("tcp"), config=config) as b,
+            run_pnicd(tmp_path / "c", "--peer", b.uri("tcp"), config=config) as c,
+        ):
+            async def routed() -> list[dict[str, object]] | None:
+                rows = await twinctl_json("--nic", a.state_dir, "nic", "routes")
+                return rows if len(rows) == 3 else None
+
+            rows = {r["destination"]: r for r in await wait_until(routed, TIMEOUT / 2)}
+            route = await twinctl_json("--nic", a.state_dir, "nic", "route", c.key)
+            ping = await twinctl_json("--nic", a.state_dir, "nic", "ping", c.key,
+                                      "-c", "3", "-i", "0.05")
+            table = await twinctl("--nic", a.state_dir, "nic", "ping", c.key, "-c", "2",
+                                  "-i", "0.05")
+            stranger = Identity.generate().public.text
+            unknown = await twinctl("--nic", a.state_dir, "nic", "ping", stranger, "-c", "1")
+    assert rows[c.key]["next_hop"] == b.key and rows[c.key]["metric"] == 2
+    assert rows[a.key]["metric"] == 0
+    assert route["next_hop"] == b.key
+    assert ping["sent"] == 3 and ping["received"] == 3 and ping["loss"] == 0
+    assert all(r["hops"] == 2 and r["rtt"] > 0 for r in ping["replies"])
+    assert ping["min"] <= ping["avg"] <= ping["max"]
+    assert table.returncode == 0
+    assert table.stdout.count("reply from") == 2 and "rtt min/avg/max/p99" in table.stdout
+    # A key nobody announces gets an answer, not silence; no reply means exit 1, as ping(8).
+    assert unknown.returncode == 1 and "unreachable: seq=1 noRoute" in unknown.stdout
 
 
 async def test_killed_nic_is_seen_down_then_redialled_after_restart(

@@ -1,6 +1,7 @@
 """`twinctl`: the one CLI for twinmesh users.
 
     twinctl [--nic PATH] [--json] nic self|peers|add-peer URI|remove-peer KEY|URI
+    twinctl [--nic PATH] [--json] nic routes|route KEY|ping KEY [-c N] [-i S] [-W S]
 
 Readable tables by default, `--json` everywhere, exit 1 with a one-line error when
 a command fails (NIC not running, unknown peer...), 2 for usage errors.
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json = getattr(args, "json", False)
     args.nic = getattr(args, "nic", None) or default_state_dir()
     try:
-        data, human = trio.run(args.run, args)
+        data, human, *code = trio.run(args.run, args)
     except TwinmeshError as exc:
         if args.json:
             print(json.dumps({"error": str(exc)}))
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else human)
-    return 0
+    return code[0] if code else 0
 
 
 if __name__ == "__main__":

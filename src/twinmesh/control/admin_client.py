@@ -46,15 +46,17 @@ class AdminClient:
         if self._framed is not None:
             await self._framed.stream.aclose()
 
-    async def call(self, command: str, arg: str | None = None) -> Any:
-        """Run one command (`self`, `peers`, `addPeer`, `removePeer`); AdminError on failure."""
+    async def call(self, command: str, arg: str | None = None, **options: Any) -> Any:
+        """Run one command (a key of COMMANDS: `self`, `peers`, `addPeer`, `removePeer`,
+        `routes`, `route`, `ping`); AdminError on failure. `options` go to the command's
+        request builder (e.g. `timeout=` for ping)."""
         module = COMMANDS[command]
         assert self._framed is not None, "use AdminClient as an async context manager"
         request = schemas.admin.AdminRequest.new_message()
         request.id = request_id = next(self._ids)
-        module.build(request, arg)
+        module.build(request, arg, **options)
         try:
-            with trio.fail_after(CALL_TIMEOUT):
+            with trio.fail_after(CALL_TIMEOUT + float(options.get("timeout", 0))):
                 await self._framed.send(request.to_bytes())
                 body = await self._framed.receive()
         except trio.TooSlowError:
@@ -74,6 +76,6 @@ class AdminClient:
         return schemas.decode(schemas.admin.AdminResponse, body, extract)
 
 
-async def admin_call(path: Path, command: str, arg: str | None = None) -> Any:
+async def admin_call(path: Path, command: str, arg: str | None = None, **options: Any) -> Any:
     async with AdminClient(path) as client:
-        return await client.call(command, arg)
+        return await client.call(command, arg, **options)

@@ -121,3 +121,33 @@ async def test_no_nic_running_is_a_one_line_admin_error(tmp_path: Path) -> None:
     with trio.fail_after(5), pytest.raises(AdminError) as info:
         await admin_call(tmp_path, "self")
     assert "is pnicd running?" in str(info.value) and "\n" not in str(info.value)
+
+
+async def test_routes_route_and_ping_through_the_admin_socket(tmp_path: Path) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            a = await start(nursery, net, "a", tmp_path / "a")
+            b = await start(nursery, net, "b", tmp_path / "b")
+            c = await start(nursery, net, "c", tmp_path / "c")
+            b.add_peer(PeerUri("memory", "a", 0, key=a.key))
+            c.add_peer(PeerUri("memory", "b", 0, key=b.key))
+            async with AdminClient(tmp_path / "a") as client:
+                while len(await client.call("routes")) < 3:
+                    await trio.sleep(0.01)
+                rows = {r["destination"]: r for r in await client.call("routes")}
+                assert rows[a.key.text]["metric"] == 0 and rows[a.key.text]["next_hop"] == ""
+                assert rows[c.key.text]["metric"] == 2
+                assert rows[c.key.text]["next_hop"] == b.key.text
+                route = await client.call("route", c.key.text)
+                assert route["next_hop"] == b.key.text and route["metric"] == 2
+                reply = await client.call("ping", c.key.text, timeout=2.0)
+                assert reply["error"] == "" and reply["hops"] == 2 and reply["rtt"] > 0
+                stranger = Identity.generate().public.text
+                with pytest.raises(AdminError, match="no route"):
+                    await client.call("route", stranger)
+                lost = await client.call("ping", stranger, timeout=1.0)
+                assert lost["error"] == "noRoute" and lost["rtt"] is None
+                with pytest.raises(AdminError, match="not a NIC key"):
+                    await client.call("ping", "nonsense", timeout=1.0)
+            nursery.cancel_scope.cancel()

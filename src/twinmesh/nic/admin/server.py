@@ -10,7 +10,13 @@ import trio
 
 from twinmesh.carriers.unix import serve_unix
 from twinmesh.control.framed import FramedStream
-from twinmesh.errors import AdminError, ConfigError, DecodeError, RemoteProtocolError
+from twinmesh.errors import (
+    AdminError,
+    ConfigError,
+    DecodeError,
+    NoRouteError,
+    RemoteProtocolError,
+)
 from twinmesh.nic.admin import COMMANDS
 from twinmesh.wire import schemas
 
@@ -41,9 +47,9 @@ class AdminServer:
                 return
             if body is None:
                 return
-            await framed.send(self.answer(body))
+            await framed.send(await self.answer(body))
 
-    def answer(self, body: bytes) -> bytes:
+    async def answer(self, body: bytes) -> bytes:
         """One request in, one response out; errors become an `error` response."""
         response = schemas.admin.AdminResponse.new_message()
         try:
@@ -59,10 +65,15 @@ class AdminServer:
             response.error = f"unknown admin command {which!r}"
             return bytes(response.to_bytes())
         try:
-            schemas.decode(
-                schemas.admin.AdminRequest, body, lambda r: self._run(command, r, response)
-            )
-        except (AdminError, ConfigError, DecodeError) as exc:
+            if hasattr(command, "handle_async"):
+                # The request reader is only valid inside decode: copy the arguments out.
+                args = schemas.decode(schemas.admin.AdminRequest, body, command.parse)
+                await command.handle_async(self.nic, *args, response)
+            else:
+                schemas.decode(
+                    schemas.admin.AdminRequest, body, lambda r: self._run(command, r, response)
+                )
+        except (AdminError, ConfigError, DecodeError, NoRouteError) as exc:
             response = schemas.admin.AdminResponse.new_message()
             response.id = request_id
             response.error = str(exc)
