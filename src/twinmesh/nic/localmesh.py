@@ -41,14 +41,16 @@ async def wait_admin(state_dir: Path, process: trio.Process, timeout: float = ST
 
 
 async def wait_links(state_dirs: list[Path], timeout: float = START_TIMEOUT) -> None:
-    """Wait until every line link is up (n-1 links seen from both ends)."""
+    """Wait until every line link is up (n-1 links seen from both ends) and every NIC
+    has a route to every other."""
     with trio.fail_after(timeout):
         while True:
             up = 0
             for state_dir in state_dirs:
                 rows = await admin_call(state_dir, "peers")
                 up += sum(1 for r in rows if r["state"] == "up")
-            if up >= 2 * (len(state_dirs) - 1):
+            routes = [len(await admin_call(d, "routes")) for d in state_dirs]
+            if up >= 2 * (len(state_dirs) - 1) and min(routes) == len(state_dirs):
                 return
             await trio.sleep(0.1)
 
@@ -89,7 +91,14 @@ async def amain(root: Path, count: int) -> None:
             print(f"\n{count} NICs linked in a line. Peers of {middle.name}:\n")
             print(render.table(await admin_call(middle, "peers"), PEER_COLUMNS))
             twinctl = Path(sys.executable).with_name("twinctl")
+            last = await admin_call(state_dirs[-1], "self")
+            reply = await admin_call(state_dirs[0], "ping", last["key"], timeout=2.0)
+            if reply["rtt"] is not None:
+                print(f"\nnic1 -> nic{count} across the overlay: {reply['hops']} hops, "
+                      f"{reply['rtt'] * 1e3:.2f} ms")
             print(f"\nInspect them:\n  {twinctl} --nic {middle} nic peers\n"
+                  f"  {twinctl} --nic {state_dirs[0]} nic routes\n"
+                  f"  {twinctl} --nic {state_dirs[0]} nic ping {last['key']} -c 3\n"
                   f"  {twinctl} --nic {state_dirs[0]} nic self --json\n"
                   f"Logs: {root}/nicN/pnicd.log.  Ctrl-C stops the mesh.")
             await trio.sleep_forever()
