@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import trio
@@ -44,11 +44,17 @@ class Carrier(Protocol):
         ...
 
 
-async def dial_with_timeout(
+@asynccontextmanager
+async def connected(
     dial: Callable[[], Awaitable[trio.abc.Stream]], uri: PeerUri, timeout: float
-) -> trio.abc.Stream:
-    """Run `dial()` and turn a timeout into TimeoutError (an OSError) naming `uri`."""
-    with trio.move_on_after(timeout) as scope:
-        return await dial()
-    assert scope.cancelled_caught
-    raise TimeoutError(f"connecting to {uri} timed out after {timeout:g} s")
+) -> AsyncIterator[trio.abc.Stream]:
+    """`Carrier.connect` for a carrier whose `dial()` returns a stream the caller owns:
+    dial within `timeout` (else TimeoutError, an OSError, naming `uri`), and close the
+    stream when the block ends."""
+    stream: trio.abc.Stream | None = None
+    with trio.move_on_after(timeout):
+        stream = await dial()
+    if stream is None:
+        raise TimeoutError(f"connecting to {uri} timed out after {timeout:g} s")
+    async with stream:
+        yield stream

@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
 
-from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, dial_with_timeout
+from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, connected
 from twinmesh.carriers.uri import PeerUri
 
 # What `serve_tcp` calls for every accepted connection (stream, "host:port").
@@ -45,14 +45,11 @@ class TcpCarrier:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         return stream
 
-    @asynccontextmanager
-    async def connect(
+    def connect(
         self, uri: PeerUri, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
-    ) -> AsyncIterator[trio.abc.Stream]:
+    ) -> AbstractAsyncContextManager[trio.abc.Stream]:
         """The `Carrier` interface: `dial` within `timeout`, closed when the block ends."""
-        stream = await dial_with_timeout(lambda: self.dial(uri), uri, timeout)
-        async with stream:
-            yield stream
+        return connected(lambda: self.dial(uri), uri, timeout)
 
     async def serve(
         self,

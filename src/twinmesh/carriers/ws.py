@@ -39,8 +39,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import urllib.parse
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 
 import trio
@@ -51,7 +50,7 @@ from websockets.protocol import CONNECTING, OPEN, Event, Protocol
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, dial_with_timeout
+from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, connected
 from twinmesh.carriers.tcp import DEFAULT_MAX_CONNECTIONS, TcpCarrier, check_scheme, serve_tcp
 from twinmesh.carriers.uri import DEFAULT_WS_PATH, PeerUri
 
@@ -297,14 +296,11 @@ class WebSocketCarrier:
         transport = await TcpCarrier().dial(PeerUri("tcp", uri.host, uri.port))
         return await WebSocketStream.connect(transport, uri)
 
-    @asynccontextmanager
-    async def connect(
+    def connect(
         self, uri: PeerUri, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
-    ) -> AsyncIterator[trio.abc.Stream]:
+    ) -> AbstractAsyncContextManager[trio.abc.Stream]:
         """The `Carrier` interface: `dial` within `timeout`, closed when the block ends."""
-        stream = await dial_with_timeout(lambda: self.dial(uri), uri, timeout)
-        async with stream:
-            yield stream
+        return connected(lambda: self.dial(uri), uri, timeout)
 
     async def serve(
         self,

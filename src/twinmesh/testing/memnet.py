@@ -40,13 +40,13 @@ import math
 import operator
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 
 import trio
 
-from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, dial_with_timeout
+from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, connected
 from twinmesh.carriers.uri import PeerUri
 
 DEFAULT_BUFFER_SIZE = 256 * 1024
@@ -235,14 +235,11 @@ class MemoryCarrier:
         _check_scheme(uri)
         return await self.net._connect(self.node, uri.host)
 
-    @asynccontextmanager
-    async def connect(
+    def connect(
         self, uri: PeerUri, *, timeout: float = DEFAULT_CONNECT_TIMEOUT
-    ) -> AsyncIterator[trio.abc.Stream]:
+    ) -> AbstractAsyncContextManager[trio.abc.Stream]:
         """The `Carrier` interface: `dial` within `timeout`, closed when the block ends."""
-        stream = await dial_with_timeout(lambda: self.dial(uri), uri, timeout)
-        async with stream:
-            yield stream
+        return connected(lambda: self.dial(uri), uri, timeout)
 
     async def serve(
         self,
