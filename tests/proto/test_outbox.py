@@ -74,7 +74,7 @@ def test_retries_back_off_exponentially_and_stop_at_the_deadline() -> None:
 
 
 def test_jitter_spreads_retries_within_bounds() -> None:
-    outbox = Outbox(OutboxConfig(initial_retry=1.0, max_retry=1.0, jitter=0.25),
+    outbox = Outbox(OutboxConfig(initial_retry=1.0, max_retry=8.0, jitter=0.25),
                     rng=random.Random(4))
     for _ in range(200):
         message(outbox)

@@ -1,6 +1,6 @@
 """Keeps one configured outbound peer linked: dial, run, back off, dial again.
 
-The delay schedule is a pure function (`backoff_delay`) so it can be tested without
+The delay schedule is a pure function (`backoff`) so it can be tested without
 a clock: exponential from `initial`, capped at `max`, with +/- `jitter` spread so a
 restarted hub is not hit by every peer in the same instant.
 """
@@ -18,6 +18,7 @@ import trio
 from twinmesh.carriers.uri import PeerUri
 from twinmesh.identity.keys import PublicKey
 from twinmesh.nic.config import ReconnectConfig
+from twinmesh.proto.backoff import backoff_delay
 
 if TYPE_CHECKING:
     from twinmesh.nic.session import LinkSession
@@ -27,11 +28,11 @@ STABLE_AFTER = 10.0
 DIAL_TIMEOUT = 5.0
 
 
-def backoff_delay(failures: int, config: ReconnectConfig, rng: random.Random) -> float:
+def backoff(failures: int, config: ReconnectConfig, rng: random.Random) -> float:
     """The wait before the next dial after `failures` consecutive failures (>= 1)."""
-    base = min(config.max, config.initial * 2 ** min(failures - 1, 32))
-    spread = base * config.jitter
-    return float(max(0.0, min(config.max, base + rng.uniform(-spread, spread))))
+    return backoff_delay(
+        failures, initial=config.initial, cap=config.max, jitter=config.jitter, rng=rng
+    )
 
 
 class Dialer:
@@ -92,7 +93,7 @@ class Dialer:
                     if session.up_since is not None and time.monotonic() - started >= STABLE_AFTER:
                         self.failures = 0
                 self.failures += 1
-                delay = backoff_delay(self.failures, self.config, self._rng)
+                delay = backoff(self.failures, self.config, self._rng)
                 self.state = "backoff"
                 self.retry_at = trio.current_time() + delay
                 self.log.info(

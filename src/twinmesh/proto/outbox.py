@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from twinmesh.identity.keys import PublicKey
+from twinmesh.proto.backoff import backoff_delay
 
 MAX_PAYLOAD = 64 * 1024
 
@@ -263,10 +264,9 @@ class Outbox:
         return out
 
     def _delay(self, attempts: int) -> float:
-        base = min(self.config.max_retry,
-                   self.config.initial_retry * 2 ** min(max(attempts - 1, 0), 30))
-        spread = base * self.config.jitter
-        return max(0.0, base + self.rng.uniform(-spread, spread))
+        config = self.config
+        return backoff_delay(attempts, initial=config.initial_retry, cap=config.max_retry,
+                             jitter=config.jitter, rng=self.rng)
 
     def _schedule(self, entry: Entry, when: float) -> None:
         # Never retry past the deadline: the last timer is the deadline itself.
