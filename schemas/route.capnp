@@ -24,10 +24,21 @@ struct SeqnoRequest {
   hopLimit @2 :UInt8;
 }
 
+struct Location {
+  # "twin is reachable at nic until expires", signed by the twin. NICs flood these so
+  # any NIC can find the NIC of a twin (a stand-in until the DHT lookup).
+  twin @0 :Data;
+  nic @1 :Data;
+  seqno @2 :UInt64;
+  expires @3 :Float64;       # unix seconds
+  signature @4 :Data;        # ed25519(twin) over "twinmesh/location/v1" || twin || nic || seqno (u64 BE) || expires (f64 BE)
+}
+
 struct Routing {
   updates @0 :List(Update);
   retractions @1 :List(Data);   # origins the sender can no longer reach
   requests @2 :List(SeqnoRequest);
+  locations @3 :List(Location); # twin location records, newest seqno wins
 }
 
 struct Ping {

@@ -221,3 +221,12 @@ def test_every_message_ends_exactly_once(
     record([o for _, o in run(outbox, 1000.0)])
     assert all(len(statuses) == 1 for statuses in finals.values()), finals
     assert not after_final and len(outbox) == 0
+
+
+def test_a_dropped_entry_is_gone_without_a_status() -> None:
+    outbox = Outbox(NO_JITTER)
+    message_id, _, _ = message(outbox)
+    outbox.drop(message_id)
+    assert outbox.status(message_id) is None and len(outbox) == 0
+    assert outbox.queued_for(BOB) == 0
+    assert not [o for _, o in run(outbox, 100.0) if isinstance(o, Transmit)]

@@ -230,6 +230,13 @@ class Outbox:
             del self._finished[message_id]
         return out
 
+    def drop(self, message_id: bytes) -> None:
+        """Forget an entry without a status: its commit failed, so the twin was told
+        "overloaded" and never heard "accepted"."""
+        entry = self._entries.get(message_id)
+        if entry is not None:
+            self._remove(entry)
+
     # ---------------------------------------------------------------- status
 
     def status(self, message_id: bytes) -> tuple[Status, str] | None:
@@ -277,7 +284,7 @@ class Outbox:
         entry = self._entries.get(item[1])
         return entry is None or entry.next_try != item[0]
 
-    def _finish(self, entry: Entry, status: Status, code: str, now: float) -> list[Output]:
+    def _remove(self, entry: Entry) -> None:
         del self._entries[entry.id]
         self._per_destination[entry.destination] -= 1
         if not self._per_destination[entry.destination]:
@@ -285,6 +292,9 @@ class Outbox:
         self._per_source[entry.source] -= 1
         if not self._per_source[entry.source]:
             del self._per_source[entry.source]
+
+    def _finish(self, entry: Entry, status: Status, code: str, now: float) -> list[Output]:
+        self._remove(entry)
         entry.status = status
         self._finished[entry.id] = _Finished(status, code, now + self.config.status_hold)
         return [Forget(entry.id), StatusChanged(entry.id, entry.source, status, code)]

@@ -1,0 +1,87 @@
+@0xc43aee91380e3eb5;
+
+using Route = import "route.capnp";
+# Twin <-> NIC, on the NIC's Unix socket `twins.sock` (see docs/BUS.md).
+# Frames as on links: 4-byte big-endian length, then one LocalMessage.
+# Only ever add fields and union members; never renumber or change a type.
+#
+#   NIC  -> twin   challenge                  (as soon as the twin connects)
+#   twin -> NIC    attach                     (proves the twin key: signature)
+#   NIC  -> twin   attached | refused         (refused: then the NIC closes)
+#   twin -> NIC    submit / status / publish  (any number, each with a requestId)
+#   NIC  -> twin   result (per requestId), deliver, statusUpdate (pushed)
+
+struct Challenge {
+  version @0 :UInt16;        # local protocol version, 1
+  nicKey @1 :Data;           # the NIC's ed25519 key
+  nonce @2 :Data;            # 32 random bytes, fresh per connection
+}
+
+struct Attach {
+  twinKey @0 :Data;
+  signature @1 :Data;        # ed25519(twinKey) over "twinmesh/local/v1/attach" || nicKey || nonce || twinKey
+  receive @2 :Bool;          # deliver incoming envelopes to this session
+}
+
+struct Attached {
+  sessionId @0 :UInt32;
+}
+
+struct Refused {
+  reason @0 :Text;
+}
+
+struct Submit {
+  envelope @0 :Data;         # a sealed rmb.Envelope whose source is the attached twin
+  reliable @1 :Bool;         # true: outbox, retries, status; false: one best-effort send (acks)
+  failFast @2 :Bool;         # refuse with noRoute/offline instead of queueing
+  payloadSize @3 :UInt32;    # the sealed payload's plaintext size, for the size limit
+}
+
+struct StatusQuery {
+  messageId @0 :Data;
+}
+
+struct Result {
+  requestId @0 :UInt32;
+  ok @1 :Bool;
+  code @2 :Text;             # when not ok: expired, noRoute, tooLarge, overloaded, unauthorized...
+  message @3 :Text;
+  status @4 :Text;           # for a status query: queued, sent, delivered, expired, failed, unknown
+}
+
+struct StatusUpdate {
+  messageId @0 :Data;
+  status @1 :Text;           # sent, delivered, expired, failed
+  code @2 :Text;
+}
+
+struct LocalMessage {
+  requestId @0 :UInt32;      # set on twin -> NIC requests; echoed in the Result
+  union {
+    challenge @1 :Challenge;
+    attach @2 :Attach;
+    attached @3 :Attached;
+    refused @4 :Refused;
+    submit @5 :Submit;
+    status @6 :StatusQuery;
+    publish @7 :Route.Location;  # the twin's signed location record (on attach, on moving)
+    result @8 :Result;
+    deliver @9 :Data;        # an rmb.Envelope addressed to this twin
+    statusUpdate @10 :StatusUpdate;
+  }
+}
+
+struct NicBus {
+  # NIC <-> NIC bus traffic, carried as the payload of an overlay packet.
+  union {
+    envelope @0 :Data;       # deliver to the destination twin of this rmb.Envelope
+    notice @1 :Notice;       # the destination NIC about an envelope it could not hand over
+  }
+}
+
+struct Notice {
+  messageId @0 :Data;
+  twin @1 :Data;             # the destination twin it was for
+  code @2 :Text;             # offline (twin not attached), unknownTwin
+}
