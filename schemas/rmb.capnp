@@ -49,7 +49,7 @@ struct ErrorBody {
 
 # --- services on the bus (typed payloads) -----------------------------------------
 
-struct Text {
+struct TextMessage {
   # A plain text message (chat-like); the first service payload, used by tests.
   body @0 :Text;
 }

@@ -11,9 +11,12 @@
     │       ├── FrameTooLarge      a length prefix over the cap
     │       ├── DecodeError        bytes that are not the Cap'n Proto message they claim to be
     │       ├── HandshakeRefused   wrong pinned key, not allowed, or the peer refused us
-    │       └── AuthenticationError  a bad signature, a tampered, replayed or reordered frame
+    │       ├── AuthenticationError  a bad signature, a tampered, replayed or reordered frame
+    │       └── ExpiredError       an authentic message whose deadline has passed
     ├── LinkClosedError        the link is gone (locally closed or broken by the peer)
     ├── NoRouteError           the overlay has no route to that key
+    ├── StorageError           a durable store cannot be opened or written (disk full, corrupt
+    │                          file, read-only); the transaction was rolled back, keep running
     └── AdminError             the admin API answered with an error
 
 Any other exception escaping a decoder is a bug; the fuzz tests check exactly that promise.
@@ -62,12 +65,24 @@ class AuthenticationError(RemoteProtocolError):
     """A signature or AEAD tag failed, or a frame was replayed or reordered."""
 
 
+class ExpiredError(RemoteProtocolError):
+    """An authentic message arrived after its deadline; it must not be delivered."""
+
+
 class LinkClosedError(TwinmeshError):
     """The link is closed; nothing more can be sent on it."""
 
 
 class NoRouteError(TwinmeshError):
     """The overlay has no route to the destination key."""
+
+
+class StorageError(TwinmeshError):
+    """A durable store (outbox, inbox) cannot be opened or written; names the file.
+
+    A failed write leaves the database as it was before the call (the transaction is
+    rolled back), so the caller can refuse work (`overloaded`) and keep running.
+    """
 
 
 class AdminError(TwinmeshError):

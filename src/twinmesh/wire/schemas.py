@@ -35,6 +35,8 @@ def _load(name: str) -> Any:
 link: Any = _load("link.capnp")
 admin: Any = _load("admin.capnp")
 route: Any = _load("route.capnp")
+local: Any = _load("local.capnp")
+rmb: Any = _load("rmb.capnp")
 
 # Readers refuse messages that would make them walk more than this many words or this
 # deep, so a hostile frame cannot cost more than its own size to look at.
@@ -68,6 +70,13 @@ def decode(struct: Any, data: bytes, extract: Callable[[Any], T]) -> T:
         AttributeError,
         IndexError,
     ) as exc:
-        name = getattr(struct, "__name__", None) or str(struct)
+        name = _struct_name(struct)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DecodeError(f"undecodable {name}: {first_line[:160]}") from None
+
+
+def _struct_name(struct: Any) -> str:
+    try:
+        return str(struct.schema.node.displayName).rsplit(":", 1)[-1]
+    except AttributeError:
+        return getattr(struct, "__name__", None) or str(struct)
