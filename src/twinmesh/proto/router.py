@@ -18,7 +18,9 @@ links under us authenticate who the neighbour is.
 
 *Feasibility (no loops, no counting to infinity).* For every destination we remember
 the feasibility distance FD = (seqno, best metric we ever advertised with it). An
-update (s, m) is feasible when s > FD.seqno, or s == FD.seqno and m < FD.metric. Only
+update (s, m) is feasible when s > FD.seqno, or s == FD.seqno and m < FD.metric, m
+being the metric the neighbour advertised, before we add the link's cost (so the
+route we advertised stays feasible when its next hop refreshes it). Only
 feasible routes are selected; every update we send lowers or keeps FD. A loop would
 need some node to select a route whose metric is not below what it advertised
 earlier, which the condition forbids, so there is no loop at any time.
@@ -54,6 +56,8 @@ from typing import Any
 
 from twinmesh.errors import DecodeError
 from twinmesh.identity.keys import KEY_SIZE, SIGNATURE_SIZE, Identity, PublicKey
+from twinmesh.proto.attach import Location
+from twinmesh.proto.directory import Directory, location_from_wire
 from twinmesh.wire import schemas
 
 ANNOUNCE_CONTEXT = b"twinmesh/route/v1/announce"
@@ -143,6 +147,7 @@ class _Via:
     metric: int  # including the cost of the link to the neighbour
     signature: bytes
     updated: float
+    reported: int  # the metric the neighbour advertised: what feasibility compares
 
 
 @dataclass
@@ -182,6 +187,7 @@ class Router:
         seqno: int,
         config: RouterConfig | None = None,
         verified: dict[tuple[bytes, int], bytes] | None = None,
+        wall_offset: float = 0.0,
     ) -> None:
         """`seqno` seeds our own sequence number: pass the wall clock in milliseconds so
         a restarted NIC outruns what it announced before. `verified` may be shared by
@@ -206,6 +212,11 @@ class Router:
         self._expire_at = now + self.config.route_hold
         self._requests: dict[tuple[PublicKey, int], float] = {}
         self._verified = verified if verified is not None else {}
+        # Location records expire on the wall clock: wall time = now + wall_offset.
+        self.wall_offset = wall_offset
+        self.directory = Directory(self.config.max_routes)
+        self._dirty_locations: set[PublicKey] = set()
+        self._location_exclude: dict[PublicKey, PublicKey | None] = {}
         self._wanted_seqno: int | None = None
 
     # -------------------------------------------------------------- neighbours
@@ -243,8 +254,8 @@ class Router:
         out: list[Output] = []
         if which == "routing":
             self.stats["control_bytes_in"] += len(data)
-            updates, retractions, requests = value
-            entries = len(updates) + len(retractions) + len(requests)
+            updates, retractions, requests, locations = value
+            entries = len(updates) + len(retractions) + len(requests) + len(locations)
             if entries > self.config.max_batch or not self._take_tokens(neighbor, entries, now):
                 self.stats["rate_limited"] += 1
                 return [Violation(peer, f"routing message of {entries} entries over the "
@@ -255,6 +266,12 @@ class Router:
                 self._receive_retraction(peer, origin_raw, now, out)
             for request in requests:
                 self._receive_request(peer, request, now, out)
+            for fields in locations:
+                location = location_from_wire(*fields)
+                if location is None:
+                    out.append(Violation(peer, "location record with malformed keys"))
+                elif self.directory.accept(location, now + self.wall_offset):
+                    self._location_changed(location.twin, now, exclude=peer)
         elif which == "packet":
             self._receive_packet(peer, value, now, out)
         return out
@@ -290,7 +307,7 @@ class Router:
             if dest.via.pop(peer, None) is not None:
                 self._reselect(origin, dest, now, out)
             return
-        dest.via[peer] = _Via(seqno, total, signature, now)
+        dest.via[peer] = _Via(seqno, total, signature, now, metric)
         self._reselect(origin, dest, now, out)
         self._answer_pending_request(origin, dest, out)
 
@@ -342,10 +359,12 @@ class Router:
 
     # ------------------------------------------------------------------ select
 
-    def _reselect(self, origin: PublicKey, dest: _Destination, now: float, out: list[Output]) -> None:
+    def _reselect(
+        self, origin: PublicKey, dest: _Destination, now: float, out: list[Output]
+    ) -> None:
         # Lowest metric wins; on a tie keep the current route (no flapping), then the
         # smallest key (deterministic, so simulations replay exactly).
-        feasible = [n for n, v in dest.via.items() if _feasible(dest.fd, v.seqno, v.metric)]
+        feasible = [n for n, v in dest.via.items() if _feasible(dest.fd, v.seqno, v.reported)]
         best = min(
             feasible,
             key=lambda n: (dest.via[n].metric, n != dest.selected, n.raw),
@@ -407,12 +426,12 @@ class Router:
     def _flush(self, now: float) -> list[Output]:
         """Send the coalesced triggered updates to every neighbour."""
         self._flush_at = None
+        out = self._flush_locations(now)
         dirty, self._dirty = self._dirty, set()
         if not self._neighbors or not dirty:
             for origin in dirty:
                 self._note_advertised(origin)
-            return []
-        out: list[Output] = []
+            return out
         for peer in self._neighbors:
             origins = [o for o in dirty if o != peer]
             # Poisoned reverse: our next hop hears a retraction, never its own route
@@ -426,6 +445,12 @@ class Router:
 
     def _full_dump(self, peers: Iterable[PublicKey], now: float) -> list[Output]:
         out: list[Output] = []
+        peers = list(peers)
+        locations = self.directory.live(now + self.wall_offset)
+        for peer in peers:
+            for start in range(0, len(locations), self.config.max_batch):
+                chunk = locations[start : start + self.config.max_batch]
+                out.append(self._routing_to(peer, locations=chunk))
         for peer in peers:
             origins = [self.key] + [
                 o for o, d in self._table.items()
@@ -486,6 +511,7 @@ class Router:
         updates: list[tuple[PublicKey, tuple[int, int, bytes]]] = (),  # type: ignore[assignment]
         retractions: list[PublicKey] = (),  # type: ignore[assignment]
         requests: list[tuple[PublicKey, int, int]] = (),  # type: ignore[assignment]
+        locations: list[Location] = (),  # type: ignore[assignment]
     ) -> SendTo:
         message = _route.Overlay.new_message()
         routing = message.init("routing")
@@ -504,6 +530,13 @@ class Router:
             item.origin = origin.raw
             item.seqno = seqno
             item.hopLimit = hop_limit
+        records = routing.init("locations", len(locations))
+        for item, location in zip(records, locations, strict=True):
+            item.twin = location.twin.raw
+            item.nic = location.nic.raw
+            item.seqno = location.seqno
+            item.expires = location.expires
+            item.signature = location.signature
         data = message.to_bytes()
         self.stats["updates_out"] += len(updates)
         self.stats["control_bytes_out"] += len(data)
@@ -606,6 +639,10 @@ class Router:
             out.append(SendTo(next_hop, _encode_packet(packet), control=False))
 
     def _next_hop(self, destination: PublicKey) -> PublicKey | None:
+        # A linked neighbour is reached directly, even before its announcement arrives:
+        # the link handshake already proved its key, and a direct hop cannot loop.
+        if destination in self._neighbors:
+            return destination
         dest = self._table.get(destination)
         return dest.selected if dest is not None else None
 
@@ -645,6 +682,7 @@ class Router:
                 del self._table[origin]  # forgotten, feasibility distance included
         for key in [k for k, until in self._requests.items() if until <= now]:
             del self._requests[key]
+        self.directory.purge(now + self.wall_offset)
 
     def _bump_seqno(self, at_least: int, now: float) -> None:
         if now >= self._signed_at + self.config.min_reannounce:
@@ -699,7 +737,7 @@ class Router:
                 continue
             alternatives = sum(
                 1 for n, v in dest.via.items()
-                if n != dest.selected and _feasible(dest.fd, v.seqno, v.metric)
+                if n != dest.selected and _feasible(dest.fd, v.seqno, v.reported)
             )
             rows.append(RouteRow(origin, dest.selected, via.metric, via.seqno,
                                  now - via.updated, alternatives))
@@ -716,6 +754,39 @@ class Router:
 
     def next_hop(self, destination: PublicKey) -> PublicKey | None:
         return self._next_hop(destination)
+
+    # -------------------------------------------------------------- locations
+
+    def publish_location(self, location: Location, now: float) -> list[Output] | None:
+        """A twin attached here published where it is: keep and flood it. None when
+        the record is refused (bad signature, not newer, expired)."""
+        if not self.directory.accept(location, now + self.wall_offset):
+            return None
+        self._location_changed(location.twin, now, exclude=None)
+        return []
+
+    def locate(self, twin: PublicKey, now: float) -> PublicKey | None:
+        """The NIC where `twin` said it is, from the newest unexpired record."""
+        return self.directory.locate(twin, now + self.wall_offset)
+
+    def _location_changed(self, twin: PublicKey, now: float, exclude: PublicKey | None) -> None:
+        self._dirty_locations.add(twin)
+        self._location_exclude[twin] = exclude
+        if self._flush_at is None:
+            self._flush_at = now + self.config.update_delay
+
+    def _flush_locations(self, now: float) -> list[Output]:
+        dirty, self._dirty_locations = self._dirty_locations, set()
+        excluded, self._location_exclude = self._location_exclude, {}
+        records = [loc for twin in dirty if (loc := self.directory.records.get(twin))]
+        out: list[Output] = []
+        for peer in self._neighbors:
+            # Not back to the neighbour we heard it from: it has it already.
+            mine = [loc for loc in records if excluded.get(loc.twin) != peer]
+            size = self.config.max_batch
+            for start in range(0, len(mine), size):
+                out.append(self._routing_to(peer, locations=mine[start : start + size]))
+        return out
 
     def table_size(self) -> int:
         return len(self._table)
@@ -762,7 +833,11 @@ def _read_overlay(reader: Any) -> tuple[str, Any]:
         ]
         retractions = [bytes(r) for r in routing.retractions]
         requests = [(bytes(r.origin), int(r.seqno), int(r.hopLimit)) for r in routing.requests]
-        return which, (updates, retractions, requests)
+        locations = [
+            (bytes(r.twin), bytes(r.nic), int(r.seqno), float(r.expires), bytes(r.signature))
+            for r in routing.locations
+        ]
+        return which, (updates, retractions, requests, locations)
     if which == "packet":
         p = reader.packet
         kind = str(p.body.which())
