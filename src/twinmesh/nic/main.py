@@ -2,6 +2,7 @@
 
     pnicd --state-dir DIR [--config FILE] [--listen URI ...] [--peer URI ...]
           [--allow KEY ...] [--health HOST:PORT] [--log-format console|json]
+          [--mdns [--mdns-password PASSWORD]]
 
 Settings come from defaults, then the TOML file, then flags (a flag given replaces
 the file's value). SIGINT and SIGTERM stop it cleanly. Exit codes: 0 clean stop,
@@ -28,6 +29,7 @@ from twinmesh.nic.admin.server import AdminServer
 from twinmesh.nic.config import KEY_FILE, NicConfig, load_config
 from twinmesh.nic.health import serve_health
 from twinmesh.nic.node import Nic
+from twinmesh.nic.twins import TwinPort
 
 LOCK_FILE = "pnicd.lock"
 
@@ -43,6 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow", action="append", metavar="KEY",
                         help="only these peer keys may link (repeatable)")
     parser.add_argument("--health", metavar="HOST:PORT", help="loopback health/metrics endpoint")
+    parser.add_argument("--mdns", action="store_true", default=None,
+                        help="LAN discovery: announce on the listen addresses, link to NICs heard")
+    parser.add_argument("--mdns-password", metavar="PASSWORD",
+                        help="with --mdns: link only to NICs announcing this group password")
     parser.add_argument("--log-format", choices=("console", "json"))
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--version", action="version", version=f"pnicd {__version__}")
@@ -58,6 +64,8 @@ def build_config(args: argparse.Namespace) -> NicConfig:
         "health": args.health,
         "log_format": args.log_format,
         "log_level": args.log_level,
+        "mdns": args.mdns,
+        "mdns_password": args.mdns_password,
     }
     return load_config(args.config, overrides)
 
@@ -76,11 +84,20 @@ async def serve(config: NicConfig) -> None:
                 health_url = f"http://{host}:{port}/"
             admin = AdminServer(nic, config.admin_socket, health_url)
             await nursery.start(admin.serve)
+            twins = TwinPort(nic, config.state_dir, locate=nic.overlay.locate,
+                             publish=nic.overlay.publish_location)
+            nic.overlay.on_packet = twins.on_packet
+            await nursery.start(twins.serve)
+            if config.mdns:
+                from twinmesh.discovery.mdns import run_mdns  # imports zeroconf
+
+                await nursery.start(run_mdns, nic, config.mdns_password)
             log.info(
                 "pnicd ready",
                 key=identity.public.text,
                 listen=[str(u) for u in nic.listening],
                 admin=str(config.admin_socket),
+                twins=str(twins.socket_path),
                 health=health_url or None,
             )
             async for signum in signals:

@@ -25,6 +25,7 @@ import trio
 from twinmesh.errors import LinkClosedError, LocalProtocolError, NoRouteError
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.session import LinkSession
+from twinmesh.proto.attach import Location
 from twinmesh.proto.router import (
     Delivered,
     Output,
@@ -72,9 +73,10 @@ class Overlay:
         """Create the router and run its timers until cancelled."""
         # Seed our seqno from the wall clock so a restarted NIC outruns what it
         # announced in its previous life.
+        now = trio.current_time()
         self.router = Router(
-            self.identity, now=trio.current_time(), seqno=int(time.time() * 1000),
-            config=self.config,
+            self.identity, now=now, seqno=int(time.time() * 1000), config=self.config,
+            wall_offset=time.time() - now,
         )
         task_status.started()
         while True:
@@ -184,6 +186,21 @@ class Overlay:
         if self.router is None:
             raise LocalProtocolError("the overlay is not running yet")
         return self.router
+
+    # ----------------------------------------------------------- locations
+
+    def publish_location(self, location: Location) -> bool:
+        """Keep and flood a twin's signed location record; False when refused."""
+        outputs = self._router().publish_location(location, trio.current_time())
+        if outputs is None:
+            return False
+        self._handle(outputs)
+        return True
+
+    def locate(self, twin: PublicKey) -> PublicKey | None:
+        if self.router is None:
+            return None
+        return self.router.locate(twin, trio.current_time())
 
     # --------------------------------------------------------- inspection
 

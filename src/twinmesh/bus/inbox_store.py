@@ -1,0 +1,434 @@
+"""The twin's durable inbox: exactly-once delivery to the application.
+
+The bus delivers at least once on the wire: a lost ack makes the source NIC send the
+same envelope again. The destination twin opens each copy (`twinmesh.bus.crypto`),
+then calls `InboxStore.accept`; only when it returns True is the message new, and the
+twin hands it to the application. Either way the twin acks the copy, so the sender
+stops retrying. The application takes messages with `pending()` and says it is done
+with `consume()`; a message accepted but not consumed survives a restart and is
+offered again, so nothing acked is ever lost.
+
+Ids are remembered until `deadline + grace` (`prune` forgets them): within its
+deadline a replay is a duplicate; after it, `accept` refuses it as expired, so the
+store never needs to remember an id forever. `grace` covers a clock that steps back
+a little after a prune.
+
+Consumed messages stay as history (`history(peer)`, for chat views), the newest
+`max_history` of them; `prune` trims the rest. At most `max_pending` messages wait
+for the application: beyond that `accept` raises StorageError("inbox full") and the
+twin answers `overloaded`, so the sender retries later instead of filling the disk.
+
+Durability and errors are those of the NIC outbox store: one sqlite3 file (mode
+0600), write-ahead log, `synchronous=FULL`, one transaction per call; a full disk,
+an I/O error, a read-only or corrupt file raise `StorageError` naming the file, with
+the transaction rolled back. Every method may be called from any thread (the trio
+shell uses `trio.to_thread.run_sync`); a lock serialises them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from twinmesh.errors import StorageError
+
+STORE_KIND = "twinmesh-inbox"
+SCHEMA_VERSION = 1
+DEFAULT_GRACE = 60.0
+DEFAULT_MAX_PENDING = 10_000
+DEFAULT_MAX_HISTORY = 10_000
+
+_U64 = 1 << 64
+_I64 = 1 << 63
+
+# Version 1. A later version adds a migration step in _check_schema; never edit these.
+# STRICT tables (sqlite >= 3.37) refuse a value of the wrong type at insert.
+_SCHEMA = (
+    "CREATE TABLE schema_version (kind TEXT NOT NULL, version INTEGER NOT NULL) STRICT",
+    # The dedup memory: every accepted id until its deadline + grace.
+    """CREATE TABLE seen (
+        id           BLOB PRIMARY KEY,
+        forget_after REAL NOT NULL
+    ) STRICT, WITHOUT ROWID""",
+    "CREATE INDEX seen_forget ON seen (forget_after)",
+    # Accepted messages: pending while consumed_at is NULL, then history.
+    """CREATE TABLE messages (
+        seq         INTEGER PRIMARY KEY,  -- arrival order
+        id          BLOB NOT NULL UNIQUE,
+        source      BLOB NOT NULL,
+        reply_to    BLOB NOT NULL,
+        schema_id   INTEGER NOT NULL,     -- the u64 Cap'n Proto id, stored as i64
+        payload     BLOB NOT NULL,
+        deadline    REAL NOT NULL,
+        received_at REAL NOT NULL,
+        consumed_at REAL
+    ) STRICT""",
+    "CREATE INDEX messages_pending ON messages (seq) WHERE consumed_at IS NULL",
+    "CREATE INDEX messages_history ON messages (seq) WHERE consumed_at IS NOT NULL",
+    "CREATE INDEX messages_by_source ON messages (source, seq)",
+)
+
+_COLUMNS = "id, source, reply_to, schema_id, payload, deadline, received_at, consumed_at"
+
+
+@dataclass(frozen=True)
+class InboxMessage:
+    id: bytes
+    source: bytes  # the sending twin's raw ed25519 key
+    reply_to: bytes  # the id this message answers, or b""
+    schema_id: int  # Cap'n Proto type id of the payload (unsigned 64 bits)
+    payload: bytes  # the opened payload
+    deadline: float
+    received_at: float
+    consumed_at: float | None  # None while pending
+
+
+class InboxStore:
+    """The inbox of one twin, in one sqlite3 file (created with mode 0600).
+
+    `max_bytes` caps the database file (sqlite `max_page_count`): beyond it a write
+    fails as on a full disk. None: only the disk bounds it.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        grace: float = DEFAULT_GRACE,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_history: int = DEFAULT_MAX_HISTORY,
+        max_bytes: int | None = None,
+    ) -> None:
+        if grace < 0 or max_pending < 1 or max_history < 0:
+            raise ValueError("grace and max_history must be >= 0 and max_pending >= 1")
+        # Immutable after construction.
+        self.path = path
+        self.grace = grace
+        self.max_pending = max_pending
+        self.max_history = max_history
+        self._lock = threading.Lock()
+        # Only used with _lock held. _conn is None once closed; _pending mirrors the
+        # number of unconsumed rows (this object is the only writer of the file).
+        self._conn: sqlite3.Connection | None = _open_database(
+            path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes
+        )
+        try:
+            (pending,) = self._conn.execute(
+                "SELECT count(*) FROM messages WHERE consumed_at IS NULL"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise _storage_error(path, "cannot read the inbox", exc) from None
+        self._pending = int(pending)
+
+    # ------------------------------------------------------------------ write
+
+    def accept(
+        self,
+        message_id: bytes,
+        source: bytes,
+        deadline: float,
+        schema_id: int,
+        payload: bytes,
+        now: float,
+        reply_to: bytes = b"",
+    ) -> bool:
+        """Record an opened message durably; True when it is new.
+
+        True: deliver it to the application (it is also in `pending()`), then ack.
+        False: do not deliver. Either a duplicate (ack it again) or already past its
+        deadline (`now > deadline`: answer `expired`); neither is stored.
+        Raises StorageError when `max_pending` messages already wait ("inbox full")
+        or the disk or file fails: answer `overloaded`, the sender retries later.
+        """
+        if not 0 <= schema_id < _U64:
+            raise ValueError(f"schema id {schema_id} is not an unsigned 64-bit integer")
+        if now > deadline:
+            return False
+        with self._lock:
+            conn = self._connection()
+            try:
+                if self._known(conn, message_id):
+                    return False
+                if self._pending >= self.max_pending:
+                    raise StorageError(
+                        f"{self.path}: inbox full ({self._pending} messages not yet "
+                        "consumed by the application)"
+                    )
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT INTO seen (id, forget_after) VALUES (?, ?)",
+                    (message_id, deadline + self.grace),
+                )
+                conn.execute(
+                    f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                    (message_id, source, reply_to, _to_i64(schema_id), payload,
+                     deadline, now),
+                )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise _storage_error(self.path, "cannot write the inbox", exc) from None
+            except BaseException:
+                _rollback(conn)
+                raise
+            self._pending += 1
+            return True
+
+    def consume(self, message_id: bytes, now: float) -> bool:
+        """The application is done with this message: keep it as history only.
+
+        True when it was pending; False when unknown or already consumed.
+        """
+        with self._lock:
+            conn = self._connection()
+            try:
+                cursor = conn.execute(
+                    "UPDATE messages SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL",
+                    (now, message_id),
+                )
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise _storage_error(self.path, "cannot write the inbox", exc) from None
+            if cursor.rowcount:
+                self._pending -= 1
+            return cursor.rowcount > 0
+
+    def prune(self, now: float) -> int:
+        """Forget the ids whose deadline + grace has passed, and the history beyond
+        `max_history`. Returns how many ids were forgotten. Call it now and then."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                forgotten = conn.execute(
+                    "DELETE FROM seen WHERE forget_after <= ?", (now,)
+                ).rowcount
+                conn.execute(
+                    """DELETE FROM messages WHERE consumed_at IS NOT NULL AND seq <= (
+                           SELECT seq FROM messages WHERE consumed_at IS NOT NULL
+                           ORDER BY seq DESC LIMIT 1 OFFSET ?)""",
+                    (self.max_history,),
+                )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise _storage_error(self.path, "cannot write the inbox", exc) from None
+            except BaseException:
+                _rollback(conn)
+                raise
+            return int(forgotten)
+
+    # ------------------------------------------------------------------- read
+
+    def pending(self, limit: int = 100) -> list[InboxMessage]:
+        """Up to `limit` messages accepted but not yet consumed, oldest first."""
+        return self._select(
+            "WHERE consumed_at IS NULL ORDER BY seq LIMIT ?", (limit,), reverse=False
+        )
+
+    def pending_count(self) -> int:
+        """How many messages wait for the application."""
+        with self._lock:
+            self._connection()
+            return self._pending
+
+    def history(self, peer: bytes, limit: int = 100) -> list[InboxMessage]:
+        """The last `limit` messages from `peer` (pending or consumed), oldest first."""
+        return self._select(
+            "WHERE source = ? ORDER BY seq DESC LIMIT ?", (peer, limit), reverse=True
+        )
+
+    def remembers(self, message_id: bytes) -> bool:
+        """True while `message_id` would be refused as a duplicate."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                return self._known(conn, message_id)
+            except sqlite3.Error as exc:
+                raise _storage_error(self.path, "cannot read the inbox", exc) from None
+
+    # --------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Close the file (idempotent). Later calls raise StorageError."""
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                conn.close()
+
+    def __enter__(self) -> InboxStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- internals
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError(f"{self.path}: the inbox store is closed")
+        return self._conn
+
+    @staticmethod
+    def _known(conn: sqlite3.Connection, message_id: bytes) -> bool:
+        # `seen` answers within deadline + grace; `messages` for a message still
+        # pending (or kept as history) after that.
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM seen WHERE id = ?) "
+            "OR EXISTS (SELECT 1 FROM messages WHERE id = ?)",
+            (message_id, message_id),
+        ).fetchone()
+        return bool(row[0])
+
+    def _select(self, where: str, args: tuple[Any, ...], *, reverse: bool) -> list[InboxMessage]:
+        if args[-1] < 0:
+            raise ValueError("limit must be >= 0")
+        with self._lock:
+            conn = self._connection()
+            try:
+                rows = conn.execute(f"SELECT {_COLUMNS} FROM messages {where}", args).fetchall()
+            except sqlite3.Error as exc:
+                raise _storage_error(self.path, "cannot read the inbox", exc) from None
+        if reverse:
+            rows.reverse()
+        return [_message(row) for row in rows]
+
+
+def _to_i64(value: int) -> int:
+    return value - _U64 if value >= _I64 else value
+
+
+def _message(row: tuple[Any, ...]) -> InboxMessage:
+    # The STRICT table guarantees the column types.
+    id_, source, reply_to, schema_id, payload, deadline, received_at, consumed_at = row
+    return InboxMessage(
+        id=id_, source=source, reply_to=reply_to, schema_id=schema_id % _U64,
+        payload=payload, deadline=deadline, received_at=received_at,
+        consumed_at=consumed_at,
+    )
+
+
+# ---------------------------------------------------------------------------------
+# The sqlite3 plumbing. Kept identical to twinmesh.nic.outbox_store's copy; the two
+# belong in one shared module once a third store appears.
+
+
+def _open_database(
+    path: Path, kind: str, version: int, schema: tuple[str, ...], *, max_bytes: int | None = None
+) -> sqlite3.Connection:
+    """Open (creating with mode 0600) a store file of `kind`, WAL, synchronous=FULL.
+
+    Raises StorageError naming the file when it cannot be created or opened, is not a
+    database, is corrupt, or holds another kind of store or a newer schema.
+    """
+    _create_private(path)
+    try:
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=5.0
+        )
+    except sqlite3.Error as exc:
+        raise _storage_error(path, "cannot open the database", exc) from None
+    try:
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode != "wal":
+            raise StorageError(f"{path}: cannot use a write-ahead log (journal mode {mode})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA journal_size_limit = 16777216")  # shrink the log after bursts
+        if max_bytes is not None:
+            (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+            conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
+        _check_schema(conn, path, kind, version, schema)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _storage_error(path, "cannot open the database", exc) from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _create_private(path: Path) -> None:
+    # sqlite3 would create the file 0644; create it ourselves, 0600, and make its
+    # directory entry durable. sqlite gives the -wal and -shm files the same mode.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"{path}: not a regular file")
+            if st.st_mode & 0o077:
+                os.chmod(path, 0o600)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot open the database: {exc.strerror}") from None
+        return
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot create the database: {exc.strerror}") from None
+    os.close(fd)
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot sync its directory: {exc.strerror}") from None
+
+
+def _check_schema(
+    conn: sqlite3.Connection, path: Path, kind: str, version: int, schema: tuple[str, ...]
+) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        tables = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_schema WHERE type = 'table'"
+        )}
+        if not tables:
+            for statement in schema:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version VALUES (?, ?)", (kind, version))
+        elif "schema_version" not in tables:
+            raise StorageError(f"{path}: not a {kind} database (no schema_version table)")
+        else:
+            row = conn.execute("SELECT kind, version FROM schema_version").fetchone()
+            if row is None or row[0] != kind:
+                found = "nothing" if row is None else row[0]
+                raise StorageError(f"{path}: not a {kind} database (holds {found})")
+            if row[1] > version:
+                raise StorageError(
+                    f"{path}: written by a newer twinmesh (schema {row[1]}, "
+                    f"this one reads up to {version})"
+                )
+            # row[1] < version: run the migrations here when version 2 exists.
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any (sqlite already did after some errors)."""
+    if conn.in_transaction:
+        # If even that fails the connection is unusable; the log still guarantees a
+        # consistent file at the next open.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _storage_error(path: Path, doing: str, exc: sqlite3.Error) -> StorageError:
+    """One line naming the file: what we were doing and what sqlite said."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return StorageError(f"{path}: corrupt database file ({exc})")
+    return StorageError(f"{path}: {doing}: {exc}")
