@@ -10,6 +10,8 @@ Example `pnicd.toml` (every key optional)::
     log_level = "info"
     max_links = 256
     send_queue = 256                # payloads queued per link before senders wait
+    mdns = false                    # LAN discovery: announce, and link to NICs heard
+    mdns_password = ""              # link only to announcements tagged with this password
 
     [link]
     keepalive_interval = 0.5        # seconds
@@ -74,6 +76,8 @@ class NicConfig:
     link: LinkConfig = field(default_factory=LinkConfig)
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    mdns: bool = False  # opt-in LAN discovery (twinmesh.discovery.mdns)
+    mdns_password: str | None = None  # group password for discovery; None = no group
 
     @property
     def admin_socket(self) -> Path:
@@ -104,7 +108,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> NicConfig:
 
 _TOP_KEYS = {
     "state_dir", "listen", "peers", "allow", "health", "log_format", "log_level",
-    "max_links", "send_queue", "link", "reconnect",
+    "max_links", "send_queue", "link", "reconnect", "mdns", "mdns_password",
 }
 
 
@@ -140,6 +144,12 @@ def _build(raw: dict[str, Any]) -> NicConfig:
         config = replace(config, max_links=_count(raw, "max_links"))
     if "send_queue" in raw:
         config = replace(config, send_queue=_count(raw, "send_queue"))
+    if "mdns" in raw:
+        if not isinstance(raw["mdns"], bool):
+            raise ConfigError("mdns must be true or false")
+        config = replace(config, mdns=raw["mdns"])
+    if raw.get("mdns_password"):
+        config = replace(config, mdns_password=_str(raw, "mdns_password"))
     if "link" in raw:
         config = replace(config, link=LinkConfig(**_table(raw, "link", LinkConfig)))
     if "reconnect" in raw:

@@ -14,6 +14,11 @@ SIGKILL after `stop_timeout` -- and always reaps it, also when the test failed o
 test already killed it. Ports are chosen by the kernel (`:0`) and read back through
 the admin socket; a daemon that must come back on the same port takes `free_port()`.
 
+`prefix` runs the daemon under another command, e.g. inside a network namespace
+(`netns.Lab.exec_args(node)` gives `ip netns exec NS`). The admin socket is a Unix
+socket in the state directory on the shared filesystem, so everything here (and
+`twinctl --nic DIR`) still reaches it from the host.
+
 Nothing here sleeps for a fixed time: wait for a condition with `wait_until`, always
 inside the test's own `trio.fail_after`.
 """
@@ -215,11 +220,14 @@ async def twinctl_json(*args: str | os.PathLike[str]) -> Any:
 
 
 async def run_pnicd_to_exit(
-    state_dir: Path, *args: str | os.PathLike[str], timeout: float = 20.0
+    state_dir: Path,
+    *args: str | os.PathLike[str],
+    timeout: float = 20.0,
+    prefix: Sequence[str] = (),
 ) -> CompletedCommand:
     """Run `pnicd --state-dir STATE_DIR ARGS` expecting it to exit by itself (bad setup)."""
     return await run_command(
-        [*console_script("pnicd"), "--state-dir", state_dir, *args], timeout=timeout
+        [*prefix, *console_script("pnicd"), "--state-dir", state_dir, *args], timeout=timeout
     )
 
 
@@ -262,6 +270,19 @@ class PnicdProcess:
         rows.sort(key=lambda r: r["state"] != "up")
         return rows[0] if rows else None
 
+    async def routes(self) -> dict[str, dict[str, Any]]:
+        """`routes` through the admin socket, in process, by destination key."""
+        rows: list[dict[str, Any]] = await admin_call(self.state_dir, "routes")
+        return {row["destination"]: row for row in rows}
+
+    async def ping(self, key: str, timeout: float = 2.0) -> dict[str, Any]:
+        """One overlay ping through the admin socket, in process (fast; for polling).
+
+        {"rtt": seconds or None, "hops": N, "error": "" | "timeout" | "noRoute" | ...}
+        """
+        reply: dict[str, Any] = await admin_call(self.state_dir, "ping", key, timeout=timeout)
+        return reply
+
     async def wait_peer_up(self, key: str, timeout: float = 10.0) -> dict[str, Any]:
         async def up() -> dict[str, Any] | None:
             row = await self.peer(key)
@@ -292,15 +313,18 @@ async def run_pnicd(
     listen: Sequence[str] | None = ("tcp://127.0.0.1:0",),
     start_timeout: float = START_TIMEOUT,
     stop_timeout: float = STOP_TIMEOUT,
+    prefix: Sequence[str] = (),
 ) -> AsyncIterator[PnicdProcess]:
     """Start `pnicd` in `state_dir` and yield it once its admin socket answers.
 
-    The command line is `--state-dir`, then `--config` when given, one `--listen`
-    per `listen` URI, `--health 127.0.0.1:0` unless `health` is false, then `args`.
-    Stderr goes to `<state_dir>.stderr.log` next to the state directory. On exit the
-    daemon is stopped (SIGTERM, SIGKILL after `stop_timeout`) and reaped.
+    The command line is `prefix` (e.g. `ip netns exec NS`, which execs pnicd in
+    place, so the process is still pnicd itself), then `pnicd --state-dir`, then
+    `--config` when given, one `--listen` per `listen` URI, `--health 127.0.0.1:0`
+    unless `health` is false, then `args`. Stderr goes to `<state_dir>.stderr.log`
+    next to the state directory. On exit the daemon is stopped (SIGTERM, SIGKILL after
+    `stop_timeout`) and reaped.
     """
-    argv: list[str] = [*console_script("pnicd"), "--state-dir", str(state_dir)]
+    argv: list[str] = [*prefix, *console_script("pnicd"), "--state-dir", str(state_dir)]
     if config is not None:
         argv += ["--config", str(config)]
     for uri in listen or ():
