@@ -14,8 +14,8 @@ Example `pnicd.toml` (every key optional)::
     mdns_password = ""              # link only to announcements tagged with this password
 
     [link]
-    keepalive_interval = 0.5        # seconds
-    dead_after = 2.0                # a link silent this long is declared down
+    keepalive_interval = 0.4        # seconds
+    dead_after = 1.5                # a link silent this long is declared down
     handshake_timeout = 5.0
     max_frame = 1048576
 

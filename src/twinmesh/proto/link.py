@@ -121,8 +121,8 @@ Event = LinkUp | DataReceived | RttMeasured | LinkDown
 @dataclass(frozen=True)
 class LinkConfig:
     max_frame: int = DEFAULT_MAX_FRAME
-    keepalive_interval: float = 0.5
-    dead_after: float = 2.0
+    keepalive_interval: float = 0.4
+    dead_after: float = 1.5  # a silent cut is rerouted within the 2 s goal
     handshake_timeout: float = 5.0
 
     def __post_init__(self) -> None:
