@@ -3,10 +3,7 @@ sockets, NICs link over the in-memory network, envelopes cross the overlay."""
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -14,60 +11,22 @@ import trio
 
 from twinmesh.bus.client import BusClient, BusError, text_message
 from twinmesh.bus.inbox_store import InboxStore
-from twinmesh.carriers.uri import PeerUri
-from twinmesh.identity.keys import Identity, PublicKey
-from twinmesh.nic.config import NicConfig
-from twinmesh.nic.node import Nic
-from twinmesh.nic.twins import TwinPort
+from twinmesh.identity.keys import Identity
 from twinmesh.proto.attach import sign_attach
-from twinmesh.testing.memnet import MemoryNetwork
+from twinmesh.testing.bus import bus_line
 from twinmesh.wire import schemas
-
-
-@asynccontextmanager
-async def nics(tmp_path: Path, names: list[str]) -> AsyncIterator[dict[str, Nic]]:
-    """NICs in a line a <- b <- c ..., each with its twin port in tmp_path/name."""
-    net = MemoryNetwork()
-    started: dict[str, Nic] = {}
-    async with trio.open_nursery() as nursery:
-        for name in names:
-            state = tmp_path / name
-            state.mkdir(mode=0o700)
-            nic = Nic(Identity.generate(), NicConfig(state_dir=state,
-                                                     listen=(PeerUri("memory", name, 0),)),
-                      {"memory": net.carrier(name)})
-            await nursery.start(nic.run)
-            port = TwinPort(nic, state, locate=nic.overlay.locate,
-                            publish=nic.overlay.publish_location)
-            nic.overlay.on_packet = port.on_packet
-            await nursery.start(port.serve)
-            nic.twins = port  # type: ignore[attr-defined]
-            started[name] = nic
-        for left, right in itertools.pairwise(names):
-            started[right].add_peer(PeerUri("memory", left, 0, key=started[left].key))
-        last = started[names[-1]]
-        while len(started[names[0]].overlay.routes()) < len(names) or \
-                len(last.overlay.routes()) < len(names):
-            await trio.sleep(0.01)
-        yield started
-        nursery.cancel_scope.cancel()
-
-
-async def located(nic: Nic, twin: PublicKey) -> None:
-    while nic.overlay.locate(twin) is None:
-        await trio.sleep(0.01)
 
 
 async def test_a_message_crosses_two_hops_exactly_once_and_is_acked(tmp_path: Path) -> None:
     alice, bob = Identity.generate(), Identity.generate()
     with trio.fail_after(20):
-        async with nics(tmp_path, ["a", "b", "c"]) as n:
+        async with bus_line(tmp_path, ["a", "b", "c"]) as n:
             inbox = InboxStore(tmp_path / "bob-inbox.sqlite3")
             async with (
                 BusClient.connect(alice, tmp_path / "a") as a_bus,
                 BusClient.connect(bob, tmp_path / "c", inbox=inbox) as b_bus,
             ):
-                await located(n["a"], bob.public)
+                await n["a"].wait_located(bob.public)
                 message_id = await a_bus.send(bob.public, text_message("hello bob"),
                                               wait="delivered", timeout=10)
                 received = await b_bus.receive()
@@ -81,7 +40,7 @@ async def test_request_and_reply(tmp_path: Path) -> None:
     alice, bob = Identity.generate(), Identity.generate()
     with trio.fail_after(20):
         async with (
-            nics(tmp_path, ["a", "b"]) as n, BusClient.connect(alice, tmp_path / "a") as a_bus,
+            bus_line(tmp_path, ["a", "b"]) as n, BusClient.connect(alice, tmp_path / "a") as a_bus,
             BusClient.connect(bob, tmp_path / "b") as b_bus,
             trio.open_nursery() as nursery,
         ):
@@ -92,7 +51,7 @@ async def test_request_and_reply(tmp_path: Path) -> None:
                     await b_bus.reply(message, text_message(body.upper()))
 
             nursery.start_soon(echo)
-            await located(n["a"], bob.public)
+            await n["a"].wait_located(bob.public)
             reply = await a_bus.request(bob.public, text_message("ping"), timeout=10)
             assert reply.decode(schemas.rmb.TextMessage)["body"] == "PING"
             assert reply.source == bob.public
@@ -103,12 +62,12 @@ async def test_messages_wait_for_an_offline_twin(tmp_path: Path) -> None:
     alice, bob = Identity.generate(), Identity.generate()
     with trio.fail_after(30):
         async with (
-            nics(tmp_path, ["a", "b"]) as n,
+            bus_line(tmp_path, ["a", "b"]) as n,
             BusClient.connect(alice, tmp_path / "a") as a_bus,
         ):
             # Bob attaches once (publishing where he is), then goes away.
             async with BusClient.connect(bob, tmp_path / "b"):
-                await located(n["a"], bob.public)
+                await n["a"].wait_located(bob.public)
             message_id = await a_bus.send(bob.public, text_message("are you there?"))
             await trio.sleep(0.5)
             assert (await a_bus.status(message_id))[0] == "sent"
@@ -122,7 +81,7 @@ async def test_messages_wait_for_an_offline_twin(tmp_path: Path) -> None:
 async def test_an_unknown_twin_expires_with_a_clear_status(tmp_path: Path) -> None:
     alice, nobody = Identity.generate(), Identity.generate()
     with trio.fail_after(20):
-        async with nics(tmp_path, ["a"]), BusClient.connect(alice, tmp_path / "a") as a_bus:
+        async with bus_line(tmp_path, ["a"]), BusClient.connect(alice, tmp_path / "a") as a_bus:
             with pytest.raises(BusError) as info:
                 await a_bus.send(nobody.public, text_message("x"), fail_fast=True)
             assert info.value.code == "noRoute"
@@ -135,11 +94,11 @@ async def test_a_rejected_schema_is_reported_to_the_sender(tmp_path: Path) -> No
     alice, bob = Identity.generate(), Identity.generate()
     with trio.fail_after(20):
         async with (
-            nics(tmp_path, ["a", "b"]) as n, BusClient.connect(alice, tmp_path / "a") as a_bus,
+            bus_line(tmp_path, ["a", "b"]) as n, BusClient.connect(alice, tmp_path / "a") as a_bus,
             BusClient.connect(bob, tmp_path / "b",
                               accepted=[schemas.rmb.TextMessage]),
         ):
-            await located(n["a"], bob.public)
+            await n["a"].wait_located(bob.public)
             ping = schemas.rmb.Ping.new_message(sentAt=time.time(), sequence=1)
             message_id = await a_bus.send(bob.public, ping)
             status = await a_bus.wait_status(message_id, timeout=10)
@@ -152,7 +111,7 @@ async def test_a_twin_without_the_key_cannot_attach(tmp_path: Path) -> None:
 
     bob, mallory = Identity.generate(), Identity.generate()
     with trio.fail_after(20):
-        async with nics(tmp_path, ["a"]) as n:
+        async with bus_line(tmp_path, ["a"]) as n:
             stream = await connect_unix(tmp_path / "a" / "twins.sock")
             async with stream:
                 framed = FramedStream(stream)

@@ -230,3 +230,19 @@ def test_a_dropped_entry_is_gone_without_a_status() -> None:
     assert outbox.status(message_id) is None and len(outbox) == 0
     assert outbox.queued_for(BOB) == 0
     assert not [o for _, o in run(outbox, 100.0) if isinstance(o, Transmit)]
+
+
+def test_an_ack_within_the_grace_after_the_deadline_still_counts() -> None:
+    outbox = Outbox(OutboxConfig(initial_retry=1.0, max_retry=1.0, jitter=0.0,
+                                 ack_grace=2.0))
+    late, late_token, _ = message(outbox, ttl=3.0)
+    lost, _, _ = message(outbox, ttl=3.0)
+    seen = run(outbox, 4.0)
+    # No attempt after the deadline, and no verdict yet inside the grace.
+    assert all(t <= 3.0 for t, o in seen if isinstance(o, Transmit))
+    assert not [o for _, o in seen if isinstance(o, StatusChanged)
+                and o.status is Status.EXPIRED]
+    assert StatusChanged(late, ALICE, Status.DELIVERED, "") in outbox.acked(
+        late, late_token, now=4.5)
+    seen = run(outbox, 10.0)
+    assert (5.0, StatusChanged(lost, ALICE, Status.EXPIRED, "")) in seen

@@ -23,6 +23,8 @@ as its type, with a `rejectedSchema` error reply; the sender sees
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -34,7 +36,7 @@ from typing import Any
 import structlog
 import trio
 
-from twinmesh.bus.crypto import Opened, TwinCrypto
+from twinmesh.bus.crypto import MAX_PAYLOAD, Opened, TwinCrypto
 from twinmesh.bus.inbox_store import InboxStore
 from twinmesh.carriers.unix import connect_unix
 from twinmesh.control.framed import FramedStream
@@ -48,12 +50,15 @@ from twinmesh.errors import (
 )
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.proto.attach import Location, sign_attach
+from twinmesh.proto.outbox import ACK_GRACE
 from twinmesh.wire import schemas
+from twinmesh.wire.framing import encode_frame
 
 TWINS_SOCKET = "twins.sock"
 LOCATION_TTL = 3600.0
 REQUEST_TIMEOUT = 30.0
 _local = schemas.local
+_FINAL = ("delivered", "expired", "failed")
 
 
 class BusError(TwinmeshError):
@@ -109,15 +114,23 @@ class BusClient:
         self.accepted = None if accepted is None else {s.schema.node.id: s for s in accepted}
         self._framed = framed
         self._send_lock = trio.Lock()
+        self._unsent: list[bytes] = []  # encoded frames waiting for `_write`
         self._request_ids = itertools.count(1)
         self._results: dict[int, trio.MemorySendChannel[tuple[bool, str, str, str]]] = {}
         self._statuses: dict[bytes, tuple[str, str]] = {}
-        self._status_changed = trio.Event()
+        # One event per message someone waits on (set on its next status change), so a
+        # change wakes only that message's waiters, not every `wait_status` in flight.
+        self._status_waiters: dict[bytes, trio.Event] = {}
         self._replies: dict[bytes, trio.MemorySendChannel[Received]] = {}
         self._incoming_in, self._incoming_out = trio.open_memory_channel[Received](1024)
         self._seen: dict[bytes, float] = {}  # dedup without an inbox store
+        self._seen_expiry: list[tuple[float, bytes]] = []  # heap of (deadline, id) in _seen
         self._closed = False
         self._queued: set[bytes] = set()  # ids waiting in the in-memory incoming queue
+        # Held while a new message is stored and marked `_queued`, and while `receive()`
+        # reads the store: so a message is handed out from memory or from the store,
+        # never from both.
+        self._handoff = trio.Lock()
         self._spilled = inbox is not None  # the inbox store may hold undelivered messages
         self._replay: list[Any] = []  # stored messages being handed out
         self._last: bytes | None = None  # handed out, consumed at the next receive()
@@ -175,7 +188,12 @@ class BusClient:
     async def _republish(self) -> None:
         while True:
             await trio.sleep(LOCATION_TTL / 2)
-            await self.publish_location()
+            try:
+                await self.publish_location()
+            except BusError as exc:
+                # The NIC is gone: `receive()` and `send()` say so; nothing to do here.
+                self.log.warning("location not re-published", reason=str(exc))
+                return
 
     # ---------------------------------------------------------------- send
 
@@ -195,6 +213,7 @@ class BusClient:
         `wait="delivered"` also waits for the destination's ack (until the deadline
         or `timeout`). Raises BusError with the code on refusal or failure."""
         schema_id, payload = _typed(message)
+        _check_size(payload)
         envelope, header = self.crypto.seal_message(
             destination, payload, schema_id, now=time.time(), ttl=ttl, reply_to=reply_to)
         ok, code, text, _ = await self._submit(envelope, len(payload), reliable=True,
@@ -203,7 +222,9 @@ class BusClient:
             raise BusError(code, text)
         self._statuses.setdefault(header.id, ("queued", ""))
         if wait == "delivered":
-            limit = header.deadline - time.time() if timeout is None else timeout
+            # The NIC says "expired" only ACK_GRACE after the deadline (an ack may be late).
+            limit = (header.deadline + ACK_GRACE + 1.0 - time.time() if timeout is None
+                     else timeout)
             status, code = await self.wait_status(header.id, timeout=max(0.0, limit))
             if status != "delivered":
                 raise BusError(code or status, f"message {header.id.hex()} {status}")
@@ -216,6 +237,7 @@ class BusClient:
         """Send a message and wait for the reply that names it in `replyTo`."""
         send, receive = trio.open_memory_channel[Received](1)
         schema_id, payload = _typed(message)
+        _check_size(payload)
         envelope, header = self.crypto.seal_message(
             destination, payload, schema_id, now=time.time(), ttl=ttl)
         self._replies[header.id] = send
@@ -253,13 +275,28 @@ class BusClient:
         return status, code
 
     async def wait_status(self, message_id: bytes, *, timeout: float) -> tuple[str, str]:
-        """Wait until the message is delivered, expired or failed (or `timeout`)."""
+        """Wait until the message is delivered, expired or failed (or `timeout`, or
+        the connection to the NIC is gone). The NIC is asked first, so a message that
+        ended while no client of this twin was attached is found too (e.g. one sent
+        before a reconnect); later changes arrive as status updates."""
         with trio.move_on_after(timeout):
+            # Only for an id this client has not heard of: for its own sends the status
+            # updates follow, and asking would cost a round trip to the NIC per message.
+            if message_id not in self._statuses:
+                with contextlib.suppress(BusError):
+                    answer, code = await self.status(message_id)
+                    if answer == "unknown":
+                        return answer, code  # never accepted, or finished long ago
+                    if answer in _FINAL:
+                        self._set_status(message_id, answer, code)
             while True:
                 status = self._statuses.get(message_id, ("queued", ""))
-                if status[0] in ("delivered", "expired", "failed"):
+                if status[0] in _FINAL or self._closed:
                     return status
-                await self._status_changed.wait()
+                event = self._status_waiters.get(message_id)
+                if event is None:
+                    event = self._status_waiters[message_id] = trio.Event()
+                await event.wait()
         return self._statuses.get(message_id, ("queued", ""))
 
     # ------------------------------------------------------------- receive
@@ -274,8 +311,9 @@ class BusClient:
                 # What waits in the inbox store but not in memory: arrivals from before
                 # a restart, or while the application was far behind.
                 self._spilled = False
-                pending = await trio.to_thread.run_sync(self.inbox.pending, 1000)
-                self._replay = [m for m in pending if m.id not in self._queued]
+                async with self._handoff:
+                    pending = await trio.to_thread.run_sync(self.inbox.pending, 1000)
+                    self._replay = [m for m in pending if m.id not in self._queued]
             if self._replay:
                 received = _from_inbox(self._replay.pop(0))
                 break
@@ -319,8 +357,7 @@ class BusClient:
         try:
             if self._closed:
                 raise BusError("offline", "the connection to the NIC is gone")
-            async with self._send_lock:
-                await self._framed.send(message.to_bytes())
+            await self._write(message.to_bytes())
             with trio.fail_after(REQUEST_TIMEOUT):
                 return await receive.receive()
         except trio.TooSlowError:
@@ -341,6 +378,9 @@ class BusClient:
                 self._closed = True
                 for waiting in self._results.values():
                     waiting.close()
+                for event in self._status_waiters.values():
+                    event.set()  # they return what they have
+                self._incoming_in.close()  # receive() says "offline" once drained
                 return
             which, value = schemas.decode(_local.LocalMessage, body, _read_local)
             if which == "result":
@@ -361,14 +401,19 @@ class BusClient:
         self._statuses[message_id] = (status, code)
         if len(self._statuses) > 100_000:
             self._statuses.pop(next(iter(self._statuses)))
-        self._status_changed.set()
-        self._status_changed = trio.Event()
+        event = self._status_waiters.pop(message_id, None)
+        if event is not None:
+            event.set()
 
     async def _delivered(self, envelope: bytes) -> None:
         now = time.time()
         try:
             opened = self.crypto.open(envelope, now=now)
-        except (AuthenticationError, ExpiredError, DecodeError) as exc:
+        except ExpiredError as exc:
+            # Routine: a retry or an ack that arrived after its deadline.
+            self.log.debug("envelope refused", reason=str(exc))
+            return
+        except (AuthenticationError, DecodeError) as exc:
             self.log.warning("envelope refused", reason=str(exc))
             return
         header = opened.header
@@ -389,7 +434,10 @@ class BusClient:
             return  # no room and no store: not acked, so the sender's NIC retries later
         if rejection is None:
             try:
-                new = await self._remember(opened, now)
+                async with self._handoff:
+                    new = await self._remember(opened, now)
+                    if new:
+                        self._queued.add(header.id)  # handed out from memory, below
             except StorageError as exc:
                 # Not stored, so not acked: the sender's NIC retries later.
                 self.log.warning("inbox refused a message", reason=str(exc))
@@ -409,15 +457,18 @@ class BusClient:
         waiter = self._replies.get(header.reply_to) if header.reply_to else None
         if waiter is not None:
             waiter.send_nowait(received)
-            if self.inbox is not None:
-                await trio.to_thread.run_sync(self.inbox.consume, header.id, now)
+            try:
+                if self.inbox is not None:
+                    await trio.to_thread.run_sync(self.inbox.consume, header.id, now)
+            finally:
+                self._queued.discard(header.id)
             return
         try:
             self._incoming_in.send_nowait(received)
-            self._queued.add(received.id)
         except trio.WouldBlock:
             # The application is far behind: the message waits in the inbox store and
             # `incoming()` picks it up from there.
+            self._queued.discard(header.id)
             self._spilled = True
 
     def _incoming_full(self) -> bool:
@@ -439,11 +490,13 @@ class BusClient:
     async def _remember(self, opened: Opened, now: float) -> bool:
         header = opened.header
         if self.inbox is None:
-            for old in [k for k, d in self._seen.items() if d < now]:
-                del self._seen[old]
+            expiry = self._seen_expiry
+            while expiry and expiry[0][0] < now:
+                del self._seen[heapq.heappop(expiry)[1]]
             if header.id in self._seen:
                 return False
             self._seen[header.id] = header.deadline
+            heapq.heappush(expiry, (header.deadline, header.id))
             return True
         return await trio.to_thread.run_sync(
             lambda: self.inbox.accept(  # type: ignore[union-attr]
@@ -460,10 +513,22 @@ class BusClient:
         submit.reliable = False
         message.requestId = 0  # no one waits for this result
         try:
-            async with self._send_lock:
-                await self._framed.send(message.to_bytes())
+            await self._write(message.to_bytes())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._closed = True
+
+    async def _write(self, body: bytes) -> None:
+        """Send one frame to the NIC. Frames queued by other tasks while a write is in
+        progress go out together in the next one (one system call and one wake-up of
+        the NIC for a burst of sends), in the order they were queued; a frame another
+        task's write took along returns at once."""
+        self._unsent.append(encode_frame(body, self._framed.max_frame))
+        async with self._send_lock:
+            if not self._unsent:
+                return
+            data = b"".join(self._unsent) if len(self._unsent) > 1 else self._unsent[0]
+            self._unsent.clear()
+            await self._framed.stream.send_all(data)
 
 
 async def _attach(framed: FramedStream, identity: Identity, receive: bool) -> PublicKey:
@@ -518,6 +583,11 @@ def _typed(message: Any) -> tuple[int, bytes]:
         schema_id, payload = message
         return int(schema_id), bytes(payload)
     return int(message.schema.node.id), bytes(message.to_bytes())
+
+
+def _check_size(payload: bytes) -> None:
+    if len(payload) > MAX_PAYLOAD:
+        raise BusError("tooLarge", f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
 
 
 def _from_inbox(stored: Any) -> Received:

@@ -82,12 +82,13 @@ async def serve(config: NicConfig) -> None:
             if config.health is not None:
                 host, port = await nursery.start(serve_health, *config.health, nic)
                 health_url = f"http://{host}:{port}/"
-            admin = AdminServer(nic, config.admin_socket, health_url)
-            await nursery.start(admin.serve)
+            # The twin port first: once the admin socket answers, everything serves.
             twins = TwinPort(nic, config.state_dir, locate=nic.overlay.locate,
                              publish=nic.overlay.publish_location)
             nic.overlay.on_packet = twins.on_packet
             await nursery.start(twins.serve)
+            admin = AdminServer(nic, config.admin_socket, health_url)
+            await nursery.start(admin.serve)
             if config.mdns:
                 from twinmesh.discovery.mdns import run_mdns  # imports zeroconf
 

@@ -45,6 +45,7 @@ from twinmesh.identity.keys import PublicKey
 from twinmesh.nic.outbox_store import OutboxStore
 from twinmesh.proto.attach import NONCE_SIZE, Location, verify_attach
 from twinmesh.proto.outbox import (
+    ACK_GRACE,
     Forget,
     Outbox,
     OutboxConfig,
@@ -54,6 +55,7 @@ from twinmesh.proto.outbox import (
     Transmit,
 )
 from twinmesh.wire import schemas
+from twinmesh.wire.framing import encode_frame
 
 if TYPE_CHECKING:
     from twinmesh.nic.node import Nic
@@ -63,7 +65,12 @@ OUTBOX_FILE = "outbox.sqlite3"
 LOCAL_VERSION = 1
 ATTACH_TIMEOUT = 10.0
 SESSION_QUEUE = 1024  # envelopes and updates waiting for one twin session
+# Per session: submissions waiting for their group commit. The session keeps reading
+# while they wait (so one commit covers many of them); past this many it stops reading.
+COMMITS_IN_FLIGHT = 1024
+PUMP_BATCH = 256 * 1024  # bytes of queued frames written to a twin in one send
 TRANSMIT_QUEUE = 4096
+NOTICE_CODES = frozenset({"offline", "unknownTwin"})  # what a destination NIC may answer
 MAX_ENVELOPE = 96 * 1024  # a 64 KiB payload plus header and sealing overhead
 
 _local = schemas.local
@@ -102,7 +109,7 @@ class TwinPort:
         self.store_path = state_dir / OUTBOX_FILE
         self.locate = locate  # twin -> NIC key from location records
         self.publish = publish  # floods a verified location record; False when refused
-        self.outbox = Outbox(config or OutboxConfig())
+        self.outbox = Outbox(config or OutboxConfig(ack_grace=ACK_GRACE))
         self.sessions: dict[PublicKey, list[TwinSession]] = defaultdict(list)
         self.counters: dict[str, int] = defaultdict(int)
         self._store: OutboxStore | None = None
@@ -247,6 +254,13 @@ class TwinPort:
             return
         if which == "notice":
             message_id, _twin, code = value
+            # Only the NIC where the destination twin is may say it is not there (any
+            # NIC on the path sees the ids); anything else a NIC says is not its word.
+            destination = self.outbox.destination(message_id)
+            if (code not in NOTICE_CODES or destination is None
+                    or self.locate(destination) != source_nic):
+                self.counters["notices_refused"] += 1
+                return
             self._apply(self.outbox.error(message_id, code, _unix_now()))
             return
         envelope = value
@@ -330,7 +344,7 @@ class TwinPort:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump, receive_channel, framed)
-                await self._serve_session(session, framed, log)
+                await self._serve_session(session, framed, log, nursery)
                 nursery.cancel_scope.cancel()
         finally:
             self.sessions[twin].remove(session)
@@ -340,8 +354,9 @@ class TwinPort:
             log.info("twin detached")
 
     async def _serve_session(
-        self, session: TwinSession, framed: FramedStream, log: Any
+        self, session: TwinSession, framed: FramedStream, log: Any, nursery: trio.Nursery
     ) -> None:
+        commits = trio.Semaphore(COMMITS_IN_FLIGHT)
         while True:
             try:
                 body = await framed.receive()
@@ -358,8 +373,13 @@ class TwinPort:
                 continue
             if which == "submit":
                 envelope, reliable, fail_fast, payload_size = value
-                await self._submit(session, request_id, envelope, reliable, fail_fast,
-                                   payload_size)
+                pending = await self._submit(session, request_id, envelope, reliable,
+                                             fail_fast, payload_size)
+                if pending is not None:
+                    # Answer once it is committed, without holding up the next request.
+                    await commits.acquire()
+                    nursery.start_soon(self._answer_after_commit, session, request_id,
+                                       pending, commits)
             elif which == "status":
                 state = self.outbox.status(value)
                 status = state[0].value if state else "unknown"
@@ -384,23 +404,25 @@ class TwinPort:
     async def _submit(
         self, session: TwinSession, request_id: int, envelope: bytes, reliable: bool,
         fail_fast: bool, payload_size: int,
-    ) -> None:
+    ) -> _Pending | None:
+        """Admit one submission. Answers the twin at once, or returns the `_Pending`
+        whose group commit must finish before the answer (`_answer_after_commit`)."""
         try:
             header = read_header(envelope)
         except DecodeError as exc:
             await self._result(session, request_id, ok=False, code="malformed",
                                message=str(exc))
-            return
+            return None
         if header.source != session.twin:
             await self._result(session, request_id, ok=False, code="unauthorized",
                                message="the envelope's source is not the attached twin")
-            return
+            return None
         now = _unix_now()
         if not reliable:
             # Acks and error replies: one best-effort send, no outbox.
             self._route_once(header, envelope)
             await self._result(session, request_id, ok=True, status="sent")
-            return
+            return None
         routable = header.destination in self.sessions or self.locate(header.destination)
         refused, outputs = self.outbox.submit(
             id=header.id, source=header.source, destination=header.destination,
@@ -409,21 +431,31 @@ class TwinPort:
         )
         if refused is not None:
             await self._refused(session, request_id, refused)
-            return
+            return None
         transmits = [o for o in outputs if isinstance(o, Transmit)]
         self._apply([o for o in outputs if not isinstance(o, Transmit)])
         if not any(isinstance(o, Persist) for o in outputs):
             await self._result(session, request_id, ok=True, status="queued")  # resubmission
-            return
+            return None
         pending = _Pending()
         self._waiting.append((transmits, pending))
         self._batch_ready.set()
-        await pending.done.wait()
-        if pending.error:
-            await self._result(session, request_id, ok=False, code="overloaded",
-                               message=f"the NIC could not store the message: {pending.error}")
-        else:
-            await self._result(session, request_id, ok=True, status="queued")
+        return pending
+
+    async def _answer_after_commit(
+        self, session: TwinSession, request_id: int, pending: _Pending,
+        commits: trio.Semaphore,
+    ) -> None:
+        try:
+            await pending.done.wait()
+            if pending.error:
+                await self._result(session, request_id, ok=False, code="overloaded",
+                                   message=f"the NIC could not store the message: "
+                                           f"{pending.error}")
+            else:
+                await self._result(session, request_id, ok=True, status="queued")
+        finally:
+            commits.release()
 
     def _route_once(self, header: Header, envelope: bytes) -> None:
         nic_key = self.locate(header.destination)
@@ -457,8 +489,24 @@ class TwinPort:
 
 
 async def _pump(channel: trio.MemoryReceiveChannel[bytes], framed: FramedStream) -> None:
-    async for frame in channel:
-        await framed.send(frame)
+    # A twin that hangs up while frames are on their way to it ends only its own
+    # session (the reader sees the end of the stream): the error must not escape the
+    # session's nursery, where an exception group would take the whole TwinPort down.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        async for frame in channel:
+            # What is already queued goes out in the same write: one system call and
+            # one wake-up of the twin for a burst of results, status updates and
+            # deliveries, instead of one each.
+            frames = [encode_frame(frame, framed.max_frame)]
+            size = len(frames[0])
+            while size < PUMP_BATCH:
+                try:
+                    frame = channel.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                frames.append(encode_frame(frame, framed.max_frame))
+                size += len(frames[-1])
+            await framed.stream.send_all(b"".join(frames) if len(frames) > 1 else frames[0])
 
 
 async def _send_refused(framed: FramedStream, reason: str) -> None:

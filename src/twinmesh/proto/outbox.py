@@ -8,7 +8,10 @@ then on owns it until one of three things happens: a matching ack arrives
 (`delivered`), the destination twin's NIC answers with an error that retrying cannot
 fix (`failed(code)`), or the deadline passes (`expired`). Until then every attempt
 (`Transmit`) is followed by a retry at an exponentially growing, jittered delay, never
-past the deadline.
+past the deadline. Once the deadline has passed nothing is sent any more, but an ack
+may still be on its way (the destination twin accepts a message until its deadline);
+so `expired` is only declared `ack_grace` seconds later, and an ack arriving in
+between still makes it `delivered`: a message is never reported both.
 
 The outbox never writes to disk: it returns `Persist`/`Forget` outputs and the shell
 applies them (one sqlite transaction per batch) before telling the twin "accepted".
@@ -35,6 +38,9 @@ from twinmesh.identity.keys import PublicKey
 from twinmesh.proto.backoff import backoff_delay
 
 MAX_PAYLOAD = 64 * 1024
+# What a NIC waits past a deadline for an ack already on its way before it says
+# "expired" (an ack's one-way trip, with room for queues and clock skew).
+ACK_GRACE = 2.0
 
 
 class Status(enum.Enum):
@@ -59,6 +65,7 @@ class OutboxConfig:
     max_total: int = 100_000
     max_per_source: int = 10_000  # per submitting twin: beyond it, "overloaded"
     status_hold: float = 600.0
+    ack_grace: float = 0.0  # 0: expire at the deadline itself; the NIC uses ACK_GRACE
 
 
 @dataclass
@@ -222,8 +229,12 @@ class Outbox:
             entry = self._entries.get(message_id)
             if entry is None or entry.next_try != when:
                 continue
-            if entry.deadline <= now:
+            if entry.deadline + self.config.ack_grace <= now:
                 out.extend(self._finish(entry, Status.EXPIRED, entry.code, now))
+            elif entry.deadline <= now:
+                # No more attempts; wait for an ack still in the air, then expire.
+                entry.next_try = entry.deadline + self.config.ack_grace
+                heapq.heappush(self._timers, (entry.next_try, entry.id))
             else:
                 out.extend(self._attempt(entry, now))
         for message_id in [k for k, f in self._finished.items() if f.until <= now]:
@@ -253,6 +264,11 @@ class Outbox:
 
     def queued_for(self, destination: PublicKey) -> int:
         return self._per_destination[destination]
+
+    def destination(self, message_id: bytes) -> PublicKey | None:
+        """The destination twin of a message still in the outbox (None otherwise)."""
+        entry = self._entries.get(message_id)
+        return None if entry is None else entry.destination
 
     # -------------------------------------------------------------- internals
 
