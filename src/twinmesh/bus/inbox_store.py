@@ -27,10 +27,7 @@ shell uses `trio.to_thread.run_sync`); a lock serialises them.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sqlite3
-import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from twinmesh.errors import StorageError
+from twinmesh.storage import open_database, rollback, storage_error
 
 STORE_KIND = "twinmesh-inbox"
 SCHEMA_VERSION = 1
@@ -48,7 +46,8 @@ DEFAULT_MAX_HISTORY = 10_000
 _U64 = 1 << 64
 _I64 = 1 << 63
 
-# Version 1. A later version adds a migration step in _check_schema; never edit these.
+# Version 1. A later version adds a migration step in storage._check_schema; never
+# edit these.
 # STRICT tables (sqlite >= 3.37) refuse a value of the wrong type at insert.
 _SCHEMA = (
     "CREATE TABLE schema_version (kind TEXT NOT NULL, version INTEGER NOT NULL) STRICT",
@@ -116,7 +115,7 @@ class InboxStore:
         self._lock = threading.Lock()
         # Only used with _lock held. _conn is None once closed; _pending mirrors the
         # number of unconsumed rows (this object is the only writer of the file).
-        self._conn: sqlite3.Connection | None = _open_database(
+        self._conn: sqlite3.Connection | None = open_database(
             path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes
         )
         try:
@@ -125,7 +124,7 @@ class InboxStore:
             ).fetchone()
         except sqlite3.Error as exc:
             self._conn.close()
-            raise _storage_error(path, "cannot read the inbox", exc) from None
+            raise storage_error(path, "cannot read the inbox", exc) from None
         self._pending = int(pending)
 
     # ------------------------------------------------------------------ write
@@ -174,10 +173,10 @@ class InboxStore:
                 )
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                _rollback(conn)
-                raise _storage_error(self.path, "cannot write the inbox", exc) from None
+                rollback(conn)
+                raise storage_error(self.path, "cannot write the inbox", exc) from None
             except BaseException:
-                _rollback(conn)
+                rollback(conn)
                 raise
             self._pending += 1
             return True
@@ -195,8 +194,8 @@ class InboxStore:
                     (now, message_id),
                 )
             except sqlite3.Error as exc:
-                _rollback(conn)
-                raise _storage_error(self.path, "cannot write the inbox", exc) from None
+                rollback(conn)
+                raise storage_error(self.path, "cannot write the inbox", exc) from None
             if cursor.rowcount:
                 self._pending -= 1
             return cursor.rowcount > 0
@@ -219,10 +218,10 @@ class InboxStore:
                 )
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                _rollback(conn)
-                raise _storage_error(self.path, "cannot write the inbox", exc) from None
+                rollback(conn)
+                raise storage_error(self.path, "cannot write the inbox", exc) from None
             except BaseException:
-                _rollback(conn)
+                rollback(conn)
                 raise
             return int(forgotten)
 
@@ -253,7 +252,7 @@ class InboxStore:
             try:
                 return self._known(conn, message_id)
             except sqlite3.Error as exc:
-                raise _storage_error(self.path, "cannot read the inbox", exc) from None
+                raise storage_error(self.path, "cannot read the inbox", exc) from None
 
     # --------------------------------------------------------------- lifecycle
 
@@ -299,7 +298,7 @@ class InboxStore:
             try:
                 rows = conn.execute(f"SELECT {_COLUMNS} FROM messages {where}", args).fetchall()
             except sqlite3.Error as exc:
-                raise _storage_error(self.path, "cannot read the inbox", exc) from None
+                raise storage_error(self.path, "cannot read the inbox", exc) from None
         if reverse:
             rows.reverse()
         return [_message(row) for row in rows]
@@ -317,118 +316,3 @@ def _message(row: tuple[Any, ...]) -> InboxMessage:
         payload=payload, deadline=deadline, received_at=received_at,
         consumed_at=consumed_at,
     )
-
-
-# ---------------------------------------------------------------------------------
-# The sqlite3 plumbing. Kept identical to twinmesh.nic.outbox_store's copy; the two
-# belong in one shared module once a third store appears.
-
-
-def _open_database(
-    path: Path, kind: str, version: int, schema: tuple[str, ...], *, max_bytes: int | None = None
-) -> sqlite3.Connection:
-    """Open (creating with mode 0600) a store file of `kind`, WAL, synchronous=FULL.
-
-    Raises StorageError naming the file when it cannot be created or opened, is not a
-    database, is corrupt, or holds another kind of store or a newer schema.
-    """
-    _create_private(path)
-    try:
-        conn = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=5.0
-        )
-    except sqlite3.Error as exc:
-        raise _storage_error(path, "cannot open the database", exc) from None
-    try:
-        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        if mode != "wal":
-            raise StorageError(f"{path}: cannot use a write-ahead log (journal mode {mode})")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA journal_size_limit = 16777216")  # shrink the log after bursts
-        if max_bytes is not None:
-            (page_size,) = conn.execute("PRAGMA page_size").fetchone()
-            conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
-        _check_schema(conn, path, kind, version, schema)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise _storage_error(path, "cannot open the database", exc) from None
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _create_private(path: Path) -> None:
-    # sqlite3 would create the file 0644; create it ourselves, 0600, and make its
-    # directory entry durable. sqlite gives the -wal and -shm files the same mode.
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        try:
-            st = path.stat()
-            if not stat.S_ISREG(st.st_mode):
-                raise StorageError(f"{path}: not a regular file")
-            if st.st_mode & 0o077:
-                os.chmod(path, 0o600)
-        except OSError as exc:
-            raise StorageError(f"{path}: cannot open the database: {exc.strerror}") from None
-        return
-    except OSError as exc:
-        raise StorageError(f"{path}: cannot create the database: {exc.strerror}") from None
-    os.close(fd)
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise StorageError(f"{path}: cannot sync its directory: {exc.strerror}") from None
-
-
-def _check_schema(
-    conn: sqlite3.Connection, path: Path, kind: str, version: int, schema: tuple[str, ...]
-) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        tables = {name for (name,) in conn.execute(
-            "SELECT name FROM sqlite_schema WHERE type = 'table'"
-        )}
-        if not tables:
-            for statement in schema:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (?, ?)", (kind, version))
-        elif "schema_version" not in tables:
-            raise StorageError(f"{path}: not a {kind} database (no schema_version table)")
-        else:
-            row = conn.execute("SELECT kind, version FROM schema_version").fetchone()
-            if row is None or row[0] != kind:
-                found = "nothing" if row is None else row[0]
-                raise StorageError(f"{path}: not a {kind} database (holds {found})")
-            if row[1] > version:
-                raise StorageError(
-                    f"{path}: written by a newer twinmesh (schema {row[1]}, "
-                    f"this one reads up to {version})"
-                )
-            # row[1] < version: run the migrations here when version 2 exists.
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    """Roll back the open transaction, if any (sqlite already did after some errors)."""
-    if conn.in_transaction:
-        # If even that fails the connection is unusable; the log still guarantees a
-        # consistent file at the next open.
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-
-
-def _storage_error(path: Path, doing: str, exc: sqlite3.Error) -> StorageError:
-    """One line naming the file: what we were doing and what sqlite said."""
-    name = getattr(exc, "sqlite_errorname", "")
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-        return StorageError(f"{path}: corrupt database file ({exc})")
-    return StorageError(f"{path}: {doing}: {exc}")

@@ -21,10 +21,7 @@ one task. The connection may be used from any thread; a lock serialises the call
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sqlite3
-import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,11 +31,13 @@ from typing import Any
 from twinmesh.errors import StorageError
 from twinmesh.identity.keys import PublicKey
 from twinmesh.proto.outbox import Entry, Forget, Persist, Status
+from twinmesh.storage import open_database, rollback, storage_error
 
 STORE_KIND = "twinmesh-outbox"
 SCHEMA_VERSION = 1
 
-# Version 1. A later version adds a migration step in _check_schema; never edit these.
+# Version 1. A later version adds a migration step in storage._check_schema; never
+# edit these.
 # STRICT tables (sqlite >= 3.37) refuse a value of the wrong type at insert.
 _SCHEMA = (
     "CREATE TABLE schema_version (kind TEXT NOT NULL, version INTEGER NOT NULL) STRICT",
@@ -86,7 +85,7 @@ class OutboxStore:
         self.path = path  # immutable after construction
         self._lock = threading.Lock()
         # Only used with _lock held; None once closed.
-        self._conn: sqlite3.Connection | None = _open_database(
+        self._conn: sqlite3.Connection | None = open_database(
             path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes
         )
 
@@ -120,10 +119,10 @@ class OutboxStore:
                 if began:
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                _rollback(conn)
-                raise _storage_error(self.path, "cannot write the outbox", exc) from None
+                rollback(conn)
+                raise storage_error(self.path, "cannot write the outbox", exc) from None
             except BaseException:
-                _rollback(conn)
+                rollback(conn)
                 raise
 
     # ------------------------------------------------------------------- read
@@ -135,7 +134,7 @@ class OutboxStore:
             try:
                 rows = conn.execute(_SELECT).fetchall()
             except sqlite3.Error as exc:
-                raise _storage_error(self.path, "cannot read the outbox", exc) from None
+                raise storage_error(self.path, "cannot read the outbox", exc) from None
         try:
             return [_entry(row) for row in rows]
         except (ValueError, TypeError) as exc:
@@ -148,7 +147,7 @@ class OutboxStore:
             try:
                 (n,) = conn.execute("SELECT count(*) FROM entries").fetchone()
             except sqlite3.Error as exc:
-                raise _storage_error(self.path, "cannot read the outbox", exc) from None
+                raise storage_error(self.path, "cannot read the outbox", exc) from None
         return int(n)
 
     # --------------------------------------------------------------- lifecycle
@@ -191,118 +190,3 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         deadline=deadline, ack_hash=ack_hash, envelope=envelope, attempts=attempts,
         next_try=next_try, status=Status(status), code=code,
     )
-
-
-# ---------------------------------------------------------------------------------
-# The sqlite3 plumbing. Kept identical to twinmesh.bus.inbox_store's copy; the two
-# belong in one shared module once a third store appears.
-
-
-def _open_database(
-    path: Path, kind: str, version: int, schema: tuple[str, ...], *, max_bytes: int | None = None
-) -> sqlite3.Connection:
-    """Open (creating with mode 0600) a store file of `kind`, WAL, synchronous=FULL.
-
-    Raises StorageError naming the file when it cannot be created or opened, is not a
-    database, is corrupt, or holds another kind of store or a newer schema.
-    """
-    _create_private(path)
-    try:
-        conn = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=5.0
-        )
-    except sqlite3.Error as exc:
-        raise _storage_error(path, "cannot open the database", exc) from None
-    try:
-        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        if mode != "wal":
-            raise StorageError(f"{path}: cannot use a write-ahead log (journal mode {mode})")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA journal_size_limit = 16777216")  # shrink the log after bursts
-        if max_bytes is not None:
-            (page_size,) = conn.execute("PRAGMA page_size").fetchone()
-            conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
-        _check_schema(conn, path, kind, version, schema)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise _storage_error(path, "cannot open the database", exc) from None
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _create_private(path: Path) -> None:
-    # sqlite3 would create the file 0644; create it ourselves, 0600, and make its
-    # directory entry durable. sqlite gives the -wal and -shm files the same mode.
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        try:
-            st = path.stat()
-            if not stat.S_ISREG(st.st_mode):
-                raise StorageError(f"{path}: not a regular file")
-            if st.st_mode & 0o077:
-                os.chmod(path, 0o600)
-        except OSError as exc:
-            raise StorageError(f"{path}: cannot open the database: {exc.strerror}") from None
-        return
-    except OSError as exc:
-        raise StorageError(f"{path}: cannot create the database: {exc.strerror}") from None
-    os.close(fd)
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise StorageError(f"{path}: cannot sync its directory: {exc.strerror}") from None
-
-
-def _check_schema(
-    conn: sqlite3.Connection, path: Path, kind: str, version: int, schema: tuple[str, ...]
-) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        tables = {name for (name,) in conn.execute(
-            "SELECT name FROM sqlite_schema WHERE type = 'table'"
-        )}
-        if not tables:
-            for statement in schema:
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_version VALUES (?, ?)", (kind, version))
-        elif "schema_version" not in tables:
-            raise StorageError(f"{path}: not a {kind} database (no schema_version table)")
-        else:
-            row = conn.execute("SELECT kind, version FROM schema_version").fetchone()
-            if row is None or row[0] != kind:
-                found = "nothing" if row is None else row[0]
-                raise StorageError(f"{path}: not a {kind} database (holds {found})")
-            if row[1] > version:
-                raise StorageError(
-                    f"{path}: written by a newer twinmesh (schema {row[1]}, "
-                    f"this one reads up to {version})"
-                )
-            # row[1] < version: run the migrations here when version 2 exists.
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    """Roll back the open transaction, if any (sqlite already did after some errors)."""
-    if conn.in_transaction:
-        # If even that fails the connection is unusable; the log still guarantees a
-        # consistent file at the next open.
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-
-
-def _storage_error(path: Path, doing: str, exc: sqlite3.Error) -> StorageError:
-    """One line naming the file: what we were doing and what sqlite said."""
-    name = getattr(exc, "sqlite_errorname", "")
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-        return StorageError(f"{path}: corrupt database file ({exc})")
-    return StorageError(f"{path}: {doing}: {exc}")
