@@ -90,6 +90,20 @@ async def test_an_unknown_twin_expires_with_a_clear_status(tmp_path: Path) -> No
             assert status == "expired"
 
 
+async def test_fail_fast_to_an_away_twin_is_answered_at_once(tmp_path: Path) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    with trio.fail_after(20):
+        async with bus_line(tmp_path, ["a"]), BusClient.connect(alice, tmp_path / "a") as a_bus:
+            async with BusClient.connect(bob, tmp_path / "a"):
+                pass  # Bob published that he lives at NIC a, then left
+            with pytest.raises(BusError) as info:
+                await a_bus.send(bob.public, text_message("x"), fail_fast=True)
+            assert info.value.code == "offline"
+            # Without fail-fast the same message is queued for his return.
+            message_id = await a_bus.send(bob.public, text_message("x"))
+            assert (await a_bus.status(message_id))[0] in ("queued", "sent")
+
+
 async def test_a_rejected_schema_is_reported_to_the_sender(tmp_path: Path) -> None:
     alice, bob = Identity.generate(), Identity.generate()
     with trio.fail_after(20):

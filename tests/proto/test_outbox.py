@@ -246,3 +246,13 @@ def test_an_ack_within_the_grace_after_the_deadline_still_counts() -> None:
         late, late_token, now=4.5)
     seen = run(outbox, 10.0)
     assert (5.0, StatusChanged(lost, ALICE, Status.EXPIRED, "")) in seen
+
+
+def test_fail_fast_messages_fail_at_the_first_offline_answer() -> None:
+    outbox = Outbox(NO_JITTER)
+    patient, _, _ = message(outbox)
+    hasty, _, _ = message(outbox, fail_fast=True)
+    assert outbox.error(patient, "offline", now=0.1) == []
+    assert StatusChanged(hasty, ALICE, Status.FAILED, "offline") in outbox.error(
+        hasty, "offline", now=0.1)
+    assert outbox.status(patient) == (Status.SENT, "offline")

@@ -423,7 +423,13 @@ class TwinPort:
             self._route_once(header, envelope)
             await self._result(session, request_id, ok=True, status="sent")
             return None
-        routable = header.destination in self.sessions or self.locate(header.destination)
+        at = self.locate(header.destination)
+        if fail_fast and at == self.nic.key and header.destination not in self.sessions:
+            # Our own twin, and it is away: say so now rather than queueing.
+            await self._result(session, request_id, ok=False, code="offline",
+                               message=f"{header.destination.text} is not attached")
+            return None
+        routable = header.destination in self.sessions or at is not None
         refused, outputs = self.outbox.submit(
             id=header.id, source=header.source, destination=header.destination,
             deadline=header.deadline, ack_hash=header.ack_hash, envelope=envelope,

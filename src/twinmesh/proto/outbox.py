@@ -80,6 +80,10 @@ class Entry:
     next_try: float = 0.0
     status: Status = Status.QUEUED
     code: str = ""  # the last error code heard for it
+    # Fail at the first "offline"/"noRoute" instead of waiting. Not persisted: after a
+    # restart the message is retried like any other (the twin asked fast, it got
+    # nothing yet, so it is still better delivered than lost).
+    fail_fast: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,8 @@ class Outbox:
                                          f"already queued for {destination.short}"), []
         if self._per_source[source] >= self.config.max_per_source:
             return Refused("overloaded", "this twin has too many messages in flight"), []
-        entry = Entry(id, source, destination, deadline, ack_hash, envelope, next_try=now)
+        entry = Entry(id, source, destination, deadline, ack_hash, envelope, next_try=now,
+                      fail_fast=fail_fast)
         self._add(entry)
         return None, [Persist(entry), *self._attempt(entry, now)]
 
@@ -207,7 +212,7 @@ class Outbox:
         if entry is None:
             return []
         entry.code = code
-        if code in FINAL_CODES:
+        if code in FINAL_CODES or (entry.fail_fast and code in ("offline", "noRoute")):
             return self._finish(entry, Status.FAILED, code, now)
         if code == "offline":
             # The twin is away: keep trying, but not rarely, so it gets mail soon.
