@@ -16,7 +16,7 @@ from types import ModuleType
 
 import trio
 
-from bench import daemon, floor, handshake, link, report
+from bench import bus, daemon, floor, handshake, link, peers, repair, report
 from bench.measure import Context, Progress
 from twinmesh.log import configure_logging
 
@@ -26,6 +26,9 @@ GROUPS: dict[str, ModuleType] = {
     "handshake": handshake,
     "link": link,
     "pnicd": daemon,
+    "repair": repair,
+    "peers": peers,  # Reticulum and py-libp2p, from the benchmark venv
+    "bus": bus,  # after the peers: its ratios divide by their figures
 }
 
 
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in names
         ]
         command = "python -m bench" + (" --quick" if args.quick else "") + f" --out {args.out}"
-        machine = [*report.machine(), ("load", load)]
+        machine = [*report.machine(), *peers.machine_rows(), ("load", load)]
         text = report.markdown(sections, machine, command=command, quick=args.quick,
                                elapsed=elapsed)
         args.out.parent.mkdir(parents=True, exist_ok=True)

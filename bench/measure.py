@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TextIO
 
-# Units a figure may have. Times: lower is better; rates: higher is better.
+# Units a figure may have. Times: lower is better; rates: higher is better; "x" is a
+# ratio between two systems' figures, oriented so that higher is better.
 TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
-Unit = Literal["s", "ms", "us", "msgs/s", "MB/s", "MiB"]
+Unit = Literal["s", "ms", "us", "msgs/s", "MB/s", "MiB", "x"]
 LOWER_IS_BETTER = {"s", "ms", "us", "MiB"}
 
 
@@ -62,6 +63,8 @@ class Goal:
     source: str = ""  # where the goal comes from, e.g. the issue
 
     def met(self, figure: Figure) -> bool:
+        if figure.missing:
+            return False
         if figure.unit in LOWER_IS_BETTER:
             return figure.value <= self.value
         return figure.value >= self.value
@@ -85,6 +88,7 @@ class Figure:
     floor_name: str = ""
     notes: list[str] = field(default_factory=list)  # e.g. a run cut short by its bound
     short: str = ""  # how a figure that is a floor is named in other figures' ratios
+    missing: str = ""  # set when the figure could not be measured: why (value is NaN)
 
     @property
     def ratio(self) -> float | None:
@@ -94,6 +98,8 @@ class Figure:
 
     @property
     def verdict(self) -> str:
+        if self.missing:
+            return "not measured" if self.goal is not None else ""
         if self.goal is None:
             return ""
         if self.goal.met(self):
@@ -112,6 +118,8 @@ def fmt_number(value: float) -> str:
 
 
 def fmt_value(value: float, unit: str) -> str:
+    if unit == "x":
+        return f"{fmt_number(value)}x"
     if unit == "msgs/s":
         if value >= 1000:
             return f"{fmt_number(value / 1000)} k msgs/s"
@@ -130,9 +138,16 @@ def fmt_spread(figure: Figure) -> str:
     return f"{fmt_number(low)}-{fmt_number(high)} {unit} ({figure.spread_kind})"
 
 
+def fmt_shown(figure: Figure) -> str:
+    """The headline value as shown in tables ("not measured" when it is missing)."""
+    if figure.missing:
+        return "not measured"
+    return fmt_value(figure.value, figure.unit)
+
+
 def fmt_ratio(figure: Figure) -> str:
     ratio = figure.ratio
-    if ratio is None:
+    if ratio is None or figure.missing:
         return ""
     return f"{fmt_number(ratio)}x {figure.floor_name}"
 
@@ -169,7 +184,7 @@ class Progress:
 
     def done(self, figure: Figure | None = None, text: str = "") -> None:
         took = time.perf_counter() - self._current[1] if self._current else 0.0
-        shown = text or (fmt_value(figure.value, figure.unit) if figure else "done")
+        shown = text or (fmt_shown(figure) if figure else "done")
         self._write(f" {shown}  ({took:.1f} s)")
         self._current = None
 

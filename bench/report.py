@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.measure import Figure, fmt_ratio, fmt_spread, fmt_value
+from bench.measure import Figure, fmt_ratio, fmt_shown, fmt_spread, fmt_value
 
 PACKAGES = ("twinmesh", "trio", "pynacl", "pycapnp", "websockets", "structlog")
 COLUMNS = ("figure", "value", "spread", "goal", "vs floor", "verdict")
@@ -94,8 +94,8 @@ def _goal(figure: Figure) -> str:
 def row(figure: Figure) -> tuple[str, ...]:
     return (
         figure.name,
-        fmt_value(figure.value, figure.unit),
-        fmt_spread(figure),
+        fmt_shown(figure),
+        fmt_spread(figure) if not figure.missing else figure.missing,
         _goal(figure),
         fmt_ratio(figure),
         figure.verdict,
@@ -123,22 +123,6 @@ def terminal_table(figures: Sequence[Figure]) -> str:
 
 
 # --------------------------------------------------------------------- markdown
-
-PEERS_SECTION = """\
-## Peer systems
-
-Not yet measured. A later issue runs the peers of `/work/shared/PEERS.md` side by side
-in the same run, on loopback, with ratios to the same floors:
-
-- **Reticulum** (`rns`, `lxmf`): Link setup, delivery-proof RTT, `Channel` msgs/s,
-  `Resource` throughput;
-- **py-libp2p** (`libp2p`, Noise + yamux over TCP): connect/handshake, stream RTT,
-  stream msgs/s and 64 KiB throughput.
-
-It adds one module under `bench/` and one section here; the summary table and the
-floors above stay as they are.
-"""
-
 
 def markdown(
     sections: Sequence[Section],
@@ -185,6 +169,10 @@ def markdown(
     for figure in figures:
         if figure.goal is None:
             continue
+        if figure.missing:
+            out.append(f"- {figure.name}: not measured ({figure.missing}); goal "
+                       f"{_goal(figure)} ({figure.goal.source}).")
+            continue
         state = "met" if figure not in missed else f"**missed**, {figure.verdict}"
         out.append(
             f"- {figure.name}: {fmt_value(figure.value, figure.unit)} against "
@@ -200,7 +188,6 @@ def markdown(
         out += [f"## {section.title}", "", section.method.rstrip(), ""]
         if section.figures:
             out += [_md_detail_table(section.figures), ""]
-    out.append(PEERS_SECTION)
     return "\n".join(out)
 
 
@@ -215,8 +202,10 @@ def _md_detail_table(figures: Sequence[Figure]) -> str:
     lines = ["| figure | value | detail |", "|---|---|---|"]
     for figure in figures:
         detail = "; ".join([figure.detail, *figure.notes]) if figure.notes else figure.detail
+        if figure.missing:
+            detail = figure.missing
         lines.append(
-            f"| {_md(figure.name)} | {_md(fmt_value(figure.value, figure.unit))} "
+            f"| {_md(figure.name)} | {_md(fmt_shown(figure))} "
             f"| {_md(detail)} |"
         )
     return "\n".join(lines)
