@@ -5,9 +5,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 RUN_DIR ?= .run
+# The peers the benchmarks compare against (/work/shared/PEERS.md) live in their own
+# venv, never in twinmesh's dependencies; bench/peers/ drivers run under its python.
+BENCH_VENV  ?= .venv-bench
+BENCH_PEERS ?= rns==1.5.7 libp2p==0.8.1
+BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell echo '$(BENCH_PEERS)' | cat - pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test run bench bench-quick lint clean
+.PHONY: venv test run bench bench-quick bench-env sim sim-quick lint clean
 
 venv: $(STAMP)
 
@@ -25,15 +30,36 @@ test: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m twinmesh.nic.localmesh --dir $(RUN_DIR) --nics 3
 
+# Without the benchmark venv (e.g. no package index) the peers' rows say
+# "not measured" and everything else still runs.
 bench: $(STAMP)
-	$(BIN)/python -m bench --out docs/BENCHMARKS.md
+	$(MAKE) bench-env || echo "bench: no benchmark venv; the peers will be 'not measured'" >&2
+	BENCH_VENV=$(BENCH_VENV) $(BIN)/python -m bench --out docs/BENCHMARKS.md
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m bench --quick
+	$(MAKE) bench-env || echo "bench: no benchmark venv; the peers will be 'not measured'" >&2
+	BENCH_VENV=$(BENCH_VENV) $(BIN)/python -m bench --quick
+
+bench-env: $(BENCH_STAMP)
+
+$(BENCH_STAMP): pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet $(BENCH_PEERS) -e .
+	rm -f $(BENCH_VENV)/.installed-*
+	touch $@
+
+# Routing at 100 / 1 000 / 10 000 NICs on the discrete-event simulator (7-10 minutes on 2 cores);
+# the figures land in docs/SCALING.md, between its generated-section markers.
+sim: $(STAMP)
+	$(BIN)/python -m twinmesh.sim --out docs/SCALING.md
+
+sim-quick: $(STAMP)
+	$(BIN)/python -m twinmesh.sim --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) $(RUN_DIR) build dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(RUN_DIR) build dist .pytest_cache .mypy_cache .ruff_cache
