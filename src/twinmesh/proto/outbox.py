@@ -242,7 +242,12 @@ class Outbox:
                 heapq.heappush(self._timers, (entry.next_try, entry.id))
             else:
                 out.extend(self._attempt(entry, now))
-        for message_id in [k for k, f in self._finished.items() if f.until <= now]:
+        # Finished statuses are held for the same time each, so the dict (in insertion
+        # order) expires from its front: stop at the first one still held.
+        while self._finished:
+            message_id, finished = next(iter(self._finished.items()))
+            if finished.until > now:
+                break
             del self._finished[message_id]
         return out
 
