@@ -65,6 +65,7 @@ INFINITY = 0xFFFF
 # Every packet starts with this many hops; the receiver derives the hop count from it.
 HOP_LIMIT = 64
 _SEQNO = struct.Struct(">Q")
+MAX_SEQNO = 2**64 - 1  # seqnos are UInt64 on the wire
 _route = schemas.route
 
 
@@ -209,7 +210,8 @@ class Router:
         self._flush_at: float | None = None
         self._full_at = now + self.config.full_update_interval
         self._reannounce_at = now + self.config.reannounce_interval
-        self._expire_at = now + self.config.route_hold
+        # The sweep that expires routes also expires and retries seqno requests.
+        self._expire_at = now + min(self.config.route_hold / 4, self.config.request_hold)
         self._requests: dict[tuple[PublicKey, int], float] = {}
         self._verified = verified if verified is not None else {}
         # Location records expire on the wall clock: wall time = now + wall_offset.
@@ -332,7 +334,9 @@ class Router:
         origin = PublicKey(origin_raw)
         if origin == self.key:
             if seqno > self.seqno:
-                self._bump_seqno(seqno, now)
+                # Requests are not signed: move by one (as Babel does), never to the
+                # asked value, or one request could spend our whole seqno space.
+                self._bump_seqno(self.seqno + 1, now)
             else:
                 self._mark_dirty(self.key, now)
             return
@@ -343,7 +347,9 @@ class Router:
             # We can satisfy it: our route is new enough. Tell the asker directly.
             out.extend(self._updates_to(peer, [origin]))
             return
-        if hop_limit <= 1 or (origin, seqno) in self._requests:
+        # A request is held (deduplicated) until its `request_hold` deadline, not until
+        # the next sweep of the table.
+        if hop_limit <= 1 or self._requests.get((origin, seqno), now) > now:
             return
         if len(self._requests) >= self.config.max_pending_requests:
             return
@@ -385,12 +391,13 @@ class Router:
         if dest.via:
             # Only infeasible routes left: ask the origin for a newer seqno.
             seqno = (dest.fd[0] if dest.fd else max(v.seqno for v in dest.via.values())) + 1
+            seqno = min(seqno, MAX_SEQNO)  # an origin may have signed the largest seqno
             self._request_seqno(origin, dest, seqno, now, out)
 
     def _request_seqno(
         self, origin: PublicKey, dest: _Destination, seqno: int, now: float, out: list[Output]
     ) -> None:
-        if (origin, seqno) in self._requests:
+        if self._requests.get((origin, seqno), now) > now:
             return
         if len(self._requests) >= self.config.max_pending_requests:
             return
@@ -497,9 +504,12 @@ class Router:
         out: list[Output] = []
         size = self.config.max_batch
         adverts = [(o, a) for o in update if (a := self._advert(o)) is not None]
-        for start in range(0, max(len(adverts), len(retract)), size):
+        # Updates then retractions, at most `size` entries per message in all: the
+        # receiver counts both against its max_batch.
+        first_gone = len(adverts)
+        for start in range(0, len(adverts) + len(retract), size):
             chunk = adverts[start : start + size]
-            gone = retract[start : start + size]
+            gone = retract[max(0, start - first_gone) : max(0, start + size - first_gone)]
             if chunk or gone:
                 out.append(self._routing_to(peer, updates=chunk, retractions=gone))
         return out
@@ -580,7 +590,9 @@ class Router:
             out.append(Violation(peer, "packet with a malformed address"))
             return
         if destination_raw == self.key.raw:
-            self._arrive(packet, HOP_LIMIT - hop_limit + 1, now, out)
+            # A sender may start above HOP_LIMIT: at least the one link it came over
+            # (a negative count made the pong unencodable).
+            self._arrive(packet, max(1, HOP_LIMIT - hop_limit + 1), now, out)
             return
         kind = body[0]
         if hop_limit <= 1:
@@ -675,7 +687,9 @@ class Router:
             stale = [n for n, v in dest.via.items() if v.updated < limit]
             for neighbor in stale:
                 del dest.via[neighbor]
-            if stale:
+            if stale or (dest.selected is None and dest.via):
+                # Only infeasible routes left: the seqno request, or its answer, may
+                # have been lost; ask again (at most once per request_hold).
                 self._reselect(origin, dest, now, out)
             if dest.selected is None and not dest.via and dest.gone_since is not None \
                     and dest.gone_since < limit and origin not in self._dirty:
@@ -695,6 +709,7 @@ class Router:
             )
 
     def _resign(self, seqno: int, now: float) -> None:
+        seqno = min(seqno, MAX_SEQNO)
         self.seqno = seqno  # always the seqno `_signature` signs
         self._wanted_seqno = None
         self._signature = self._sign(seqno)
