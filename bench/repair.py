@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from bench.measure import Context, Figure, Goal, Stats
+from twinmesh.proto.link import LinkConfig
 from twinmesh.testing import netns
 from twinmesh.testing.netns import Lab, LabNics, open_lab, open_lab_nics, ring
 from twinmesh.testing.processes import write_config
@@ -48,7 +49,9 @@ class Timers:
 
 
 TUNED = Timers("tuned", keepalive_interval=0.25, dead_after=1.0)
-DEFAULTS = Timers("default", keepalive_interval=0.5, dead_after=2.0)  # LinkConfig defaults
+# Read from LinkConfig itself, so the figure follows the defaults pnicd ships with.
+DEFAULTS = Timers("default", keepalive_interval=LinkConfig().keepalive_interval,
+                  dead_after=LinkConfig().dead_after)
 
 
 @dataclass

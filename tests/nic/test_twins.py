@@ -93,9 +93,14 @@ async def test_an_unknown_twin_expires_with_a_clear_status(tmp_path: Path) -> No
 async def test_fail_fast_to_an_away_twin_is_answered_at_once(tmp_path: Path) -> None:
     alice, bob = Identity.generate(), Identity.generate()
     with trio.fail_after(20):
-        async with bus_line(tmp_path, ["a"]), BusClient.connect(alice, tmp_path / "a") as a_bus:
+        async with (
+            bus_line(tmp_path, ["a"]) as n,
+            BusClient.connect(alice, tmp_path / "a") as a_bus,
+        ):
             async with BusClient.connect(bob, tmp_path / "a"):
                 pass  # Bob published that he lives at NIC a, then left
+            while bob.public in n["a"].port.sessions:  # the NIC notices the hang-up
+                await trio.sleep(0.01)
             with pytest.raises(BusError) as info:
                 await a_bus.send(bob.public, text_message("x"), fail_fast=True)
             assert info.value.code == "offline"
