@@ -70,7 +70,7 @@ class LoopWatch:
         assert loop is None, f"forwarding loop {loop.path} at t={network.now:.4f}"
 
 
-@settings(max_examples=80, **SETTINGS)  # type: ignore[arg-type]
+@settings(max_examples=60, **SETTINGS)  # type: ignore[arg-type]
 @given(
     topology=st.sampled_from(TOPOLOGIES),
     size=st.integers(2, 50),
@@ -96,7 +96,7 @@ def test_after_convergence_every_node_reaches_every_other_on_a_shortest_path(
     assert network.stats.lost == 0
 
 
-@settings(max_examples=80, **SETTINGS)  # type: ignore[arg-type]
+@settings(max_examples=60, **SETTINGS)  # type: ignore[arg-type]
 @given(
     topology=st.sampled_from(TOPOLOGIES),
     size=st.integers(2, 50),
@@ -145,7 +145,7 @@ def test_after_random_cuts_every_node_reaches_its_component(
     assert not network.stats.violations
 
 
-@settings(max_examples=60, **SETTINGS)  # type: ignore[arg-type]
+@settings(max_examples=45, **SETTINGS)  # type: ignore[arg-type]
 @given(
     topology=st.sampled_from(TOPOLOGIES),
     size=st.integers(3, 20),

@@ -103,7 +103,7 @@ def rows(results: list[Result]) -> tuple[list[str], list[list[str]], list[str], 
                 f"{p.link[0]}-{p.link[1]} ({p.link_degrees[0]}/{p.link_degrees[1]})",
                 str(p.affected_pairs),
                 "at once (socket closed)" if p.detection == 0 else
-                f"{p.detection:g} s (keepalive)",
+                f"{p.detection:g} s (keepalive dead_after)",
                 fmt_seconds(p.repaired), fmt_traffic(p), str(p.resigned),
             ])
     return head, body, repair_head, repair_body

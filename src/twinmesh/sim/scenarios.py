@@ -8,7 +8,8 @@ One scenario = one seeded graph, one `Network`, measured in this order:
 2. *Steady state*: `steady` virtual seconds right after that (60 s = one whole period:
    three full dumps and one re-announcement per origin, 20 s and 60 s apart). Control
    bytes each node sent, per minute; routes each node holds.
-3. *Repair*, once per detection delay (0 = the socket closes at once; 2 s = keepalive):
+3. *Repair*, once per detection delay (0 = the socket closes at once; then the link
+   keepalive's `dead_after`, the worst case for a silent cut):
    cut the link that is busiest at that moment and not a bridge (the one most
    (source, destination) paths cross), then step the clock by 1 ms and walk every
    affected pair's path until all reach again: the repair time. Alongside, up to 20
@@ -31,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from twinmesh.proto.link import LinkConfig
 from twinmesh.proto.router import Output, PongReceived
 from twinmesh.sim import topologies
 from twinmesh.sim.network import Network
@@ -39,6 +41,9 @@ PING_EVERY = 0.01
 PING_PAIRS = 20
 STEP = 0.001
 REPAIR_LIMIT = 15.0  # past the detection delay
+# A silent cut is noticed when the link has heard nothing for `dead_after`: at worst
+# that long after the cut (at best one keepalive interval less).
+KEEPALIVE_DETECTION = LinkConfig().dead_after
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class Scenario:
     origins: int | None  # announcing destinations; None: every node
     steady: float  # virtual seconds of steady state measured
     seed: int = 1
-    detections: tuple[float, ...] = (0.0, 2.0)
+    detections: tuple[float, ...] = (0.0, KEEPALIVE_DETECTION)
     wall_limit: float = 900.0  # real seconds; a loaded machine needs more than ~300
 
     @property
