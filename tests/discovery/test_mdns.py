@@ -1,6 +1,7 @@
 """The mDNS announcement record and the linking policy, without a network.
 
 The real thing (zeroconf on a bridged LAN of namespaces) is tests/lab/test_netns_mdns.py.
+The addresses below are values handed to pure functions: nothing is sent to them.
 """
 
 from __future__ import annotations
