@@ -12,9 +12,46 @@ import contextlib
 import os
 import sqlite3
 import stat
+import threading
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from twinmesh.errors import StorageError
+
+
+class SqliteStore:
+    """What every store shares: one connection, used only under one lock (the trio
+    shells call stores from worker threads), closed once. Subclasses open it."""
+
+    kind = "store"  # named in errors: "the outbox store is closed"
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path  # immutable after construction
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = conn  # None once closed
+
+    def close(self) -> None:
+        """Close the file (idempotent). Later calls raise StorageError."""
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open connection; call with `_lock` held."""
+        if self._conn is None:
+            raise StorageError(f"{self.path}: the {self.kind} store is closed")
+        return self._conn
 
 
 def open_database(

@@ -28,14 +28,12 @@ shell uses `trio.to_thread.run_sync`); a lock serialises them.
 from __future__ import annotations
 
 import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from twinmesh.errors import StorageError
-from twinmesh.storage import open_database, rollback, storage_error
+from twinmesh.storage import SqliteStore, open_database, rollback, storage_error
 
 STORE_KIND = "twinmesh-inbox"
 SCHEMA_VERSION = 1
@@ -89,12 +87,14 @@ class InboxMessage:
     consumed_at: float | None  # None while pending
 
 
-class InboxStore:
+class InboxStore(SqliteStore):
     """The inbox of one twin, in one sqlite3 file (created with mode 0600).
 
     `max_bytes` caps the database file (sqlite `max_page_count`): beyond it a write
     fails as on a full disk. None: only the disk bounds it.
     """
+
+    kind = "inbox"
 
     def __init__(
         self,
@@ -107,17 +107,16 @@ class InboxStore:
     ) -> None:
         if grace < 0 or max_pending < 1 or max_history < 0:
             raise ValueError("grace and max_history must be >= 0 and max_pending >= 1")
+        super().__init__(
+            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes)
+        )
         # Immutable after construction.
-        self.path = path
         self.grace = grace
         self.max_pending = max_pending
         self.max_history = max_history
-        self._lock = threading.Lock()
-        # Only used with _lock held. _conn is None once closed; _pending mirrors the
-        # number of unconsumed rows (this object is the only writer of the file).
-        self._conn: sqlite3.Connection | None = open_database(
-            path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes
-        )
+        # _pending mirrors the number of unconsumed rows (this object is the only
+        # writer of the file); like the connection, used only with _lock held.
+        assert self._conn is not None
         try:
             (pending,) = self._conn.execute(
                 "SELECT count(*) FROM messages WHERE consumed_at IS NULL"
@@ -256,28 +255,6 @@ class InboxStore:
 
     # --------------------------------------------------------------- lifecycle
 
-    def close(self) -> None:
-        """Close the file (idempotent). Later calls raise StorageError."""
-        with self._lock:
-            if self._conn is not None:
-                conn, self._conn = self._conn, None
-                conn.close()
-
-    def __enter__(self) -> InboxStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # --------------------------------------------------------------- internals
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise StorageError(f"{self.path}: the inbox store is closed")
-        return self._conn
 
     @staticmethod
     def _known(conn: sqlite3.Connection, message_id: bytes) -> bool:

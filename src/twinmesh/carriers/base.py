@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
@@ -15,6 +16,16 @@ from twinmesh.carriers.uri import PeerUri
 ConnectionHandler = Callable[[trio.abc.Stream, str], Awaitable[None]]
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+def receive_limit(max_bytes: int | None, default: int) -> int:
+    """`receive_some`'s argument as trio's Stream contract wants it checked."""
+    if max_bytes is None:
+        return default
+    limit = operator.index(max_bytes)
+    if limit < 1:
+        raise ValueError("max_bytes must be at least 1")
+    return limit
 
 
 class Carrier(Protocol):

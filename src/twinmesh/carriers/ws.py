@@ -37,7 +37,6 @@ as EOF (b""); a reset, an abnormal close or a protocol violation raises
 from __future__ import annotations
 
 import contextlib
-import operator
 import urllib.parse
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
@@ -50,7 +49,12 @@ from websockets.protocol import CONNECTING, OPEN, Event, Protocol
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
-from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, connected
+from twinmesh.carriers.base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    ConnectionHandler,
+    connected,
+    receive_limit,
+)
 from twinmesh.carriers.tcp import DEFAULT_MAX_CONNECTIONS, TcpCarrier, check_scheme, serve_tcp
 from twinmesh.carriers.uri import DEFAULT_WS_PATH, PeerUri
 
@@ -178,12 +182,7 @@ class WebSocketStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to `max_bytes` of payload; b"" once the peer closed the websocket cleanly."""
-        if max_bytes is None:
-            max_bytes = RECEIVE_CHUNK
-        else:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be at least 1")
+        max_bytes = receive_limit(max_bytes, RECEIVE_CHUNK)
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this websocket")
         self._receiving = True

@@ -22,16 +22,14 @@ one task. The connection may be used from any thread; a lock serialises the call
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from twinmesh.errors import StorageError
 from twinmesh.identity.keys import PublicKey
 from twinmesh.proto.outbox import Entry, Forget, Persist, Status
-from twinmesh.storage import open_database, rollback, storage_error
+from twinmesh.storage import SqliteStore, open_database, rollback, storage_error
 
 STORE_KIND = "twinmesh-outbox"
 SCHEMA_VERSION = 1
@@ -74,19 +72,18 @@ FROM entries ORDER BY seq
 """
 
 
-class OutboxStore:
+class OutboxStore(SqliteStore):
     """The outbox entries of one NIC, in one sqlite3 file (created with mode 0600).
 
     `max_bytes` caps the database file (sqlite `max_page_count`): beyond it a write
     fails as on a full disk. None: only the disk bounds it.
     """
 
+    kind = "outbox"
+
     def __init__(self, path: Path, *, max_bytes: int | None = None) -> None:
-        self.path = path  # immutable after construction
-        self._lock = threading.Lock()
-        # Only used with _lock held; None once closed.
-        self._conn: sqlite3.Connection | None = open_database(
-            path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes
+        super().__init__(
+            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes)
         )
 
     # ------------------------------------------------------------------ write
@@ -152,26 +149,6 @@ class OutboxStore:
 
     # --------------------------------------------------------------- lifecycle
 
-    def close(self) -> None:
-        """Close the file (idempotent). Later calls raise StorageError."""
-        with self._lock:
-            if self._conn is not None:
-                conn, self._conn = self._conn, None
-                conn.close()
-
-    def __enter__(self) -> OutboxStore:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise StorageError(f"{self.path}: the outbox store is closed")
-        return self._conn
 
 
 def _row(entry: Entry) -> tuple[object, ...]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-import operator
 import random
 from collections import deque
 from collections.abc import Iterator
@@ -46,7 +45,12 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from twinmesh.carriers.base import DEFAULT_CONNECT_TIMEOUT, ConnectionHandler, connected
+from twinmesh.carriers.base import (
+    DEFAULT_CONNECT_TIMEOUT,
+    ConnectionHandler,
+    connected,
+    receive_limit,
+)
 from twinmesh.carriers.uri import PeerUri
 
 DEFAULT_BUFFER_SIZE = 256 * 1024
@@ -290,12 +294,7 @@ class MemoryStream(trio.abc.Stream):
             await self._out.wait_for_room(1)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is None:
-            max_bytes = DEFAULT_RECEIVE_SIZE
-        else:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be at least 1")
+        max_bytes = receive_limit(max_bytes, DEFAULT_RECEIVE_SIZE)
         if self._receiving:
             raise trio.BusyResourceError("another task is receiving on this stream")
         self._receiving = True
