@@ -69,7 +69,18 @@ struct LocalMessage {
     result @8 :Result;
     deliver @9 :Data;        # an rmb.Envelope addressed to this twin
     statusUpdate @10 :StatusUpdate;
+    find @11 :Data;          # twin -> NIC: findDigitalTwinById, the twin key to look up
+    found @12 :FindResult;   # NIC -> twin: the answer to a find (its requestId); when
+                             # nothing is found the NIC answers a Result (ok=false, unknownTwin)
   }
+}
+
+struct FindResult {
+  location @0 :Route.Location; # the newest valid signed record found
+  hops @1 :UInt8;              # overlay hops to the NIC the record points at (0 = this NIC)
+  rounds @2 :UInt8;            # DHT lookup rounds it took
+  queried @3 :UInt16;          # NICs asked
+  elapsed @4 :Float64;         # seconds the NIC spent on the lookup
 }
 
 struct NicBus {
@@ -77,6 +88,7 @@ struct NicBus {
   union {
     envelope @0 :Data;       # deliver to the destination twin of this rmb.Envelope
     notice @1 :Notice;       # the destination NIC about an envelope it could not hand over
+    dht @2 :Data;            # a DHT message between NICs (schemas/dht.capnp), for twin lookups
   }
 }
 

@@ -96,6 +96,17 @@ class Received:
         return fields
 
 
+@dataclass(frozen=True)
+class Found:
+    """findDigitalTwinById: the newest valid location record of a twin."""
+
+    location: Location
+    hops: int  # overlay hops from our NIC to the twin's NIC
+    rounds: int  # DHT lookup rounds
+    queried: int  # NICs asked
+    elapsed: float  # seconds our NIC spent looking
+
+
 class BusClient:
     def __init__(
         self,
@@ -118,6 +129,7 @@ class BusClient:
         self._request_ids = itertools.count(1)
         self._results: dict[int, trio.MemorySendChannel[tuple[bool, str, str, str]]] = {}
         self._statuses: dict[bytes, tuple[str, str]] = {}
+        self._found: dict[int, Found] = {}  # find answers by requestId, until collected
         # One event per message someone waits on (set on its next status change), so a
         # change wakes only that message's waiters, not every `wait_status` in flight.
         self._status_waiters: dict[bytes, trio.Event] = {}
@@ -262,6 +274,22 @@ class BusClient:
                                                                     time.time())),
                                reply_to=to.id)
 
+    # -------------------------------------------------------------- lookup
+
+    async def find(self, twin: PublicKey) -> Found:
+        """Look a twin up (findDigitalTwinById) through our NIC; BusError(unknownTwin)
+        when no valid record is found."""
+        message = _local.LocalMessage.new_message()
+        message.find = twin.raw
+        request_id = next(self._request_ids)
+        ok, code, text, _ = await self._call(message, request_id)
+        found = self._found.pop(request_id, None)
+        if not ok or found is None:
+            raise BusError(code or "unknownTwin", text)
+        if found.location.twin != twin or not found.location.verify():
+            raise BusError("unknownTwin", "the NIC answered with a record that does not verify")
+        return found
+
     # -------------------------------------------------------------- status
 
     async def status(self, message_id: bytes) -> tuple[str, str]:
@@ -349,8 +377,11 @@ class BusClient:
         submit.payloadSize = payload_size
         return await self._call(message)
 
-    async def _call(self, message: Any) -> tuple[bool, str, str, str]:
-        request_id = next(self._request_ids)
+    async def _call(
+        self, message: Any, request_id: int | None = None
+    ) -> tuple[bool, str, str, str]:
+        if request_id is None:
+            request_id = next(self._request_ids)
         message.requestId = request_id
         send, receive = trio.open_memory_channel[tuple[bool, str, str, str]](1)
         self._results[request_id] = send
@@ -391,6 +422,12 @@ class BusClient:
             elif which == "statusUpdate":
                 message_id, status, code = value
                 self._set_status(message_id, status, code)
+            elif which == "found":
+                request_id, found = value
+                channel = self._results.get(request_id)
+                if channel is not None:
+                    self._found[request_id] = found
+                    channel.send_nowait((True, "", "", "found"))
             elif which == "deliver":
                 await self._delivered(value)
 
@@ -575,6 +612,11 @@ def _read_local(reader: Any) -> tuple[str, Any]:
         return which, bytes(reader.deliver)
     if which == "refused":
         return which, str(reader.refused.reason)
+    if which == "found":
+        f = reader.found
+        return which, (int(reader.requestId), Found(
+            Location.read(f.location), int(f.hops), int(f.rounds), int(f.queried),
+            float(f.elapsed)))
     return which, None
 
 

@@ -24,7 +24,7 @@ import itertools
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +86,17 @@ class TwinSession:
     outgoing: trio.MemorySendChannel[bytes]
 
 
+@dataclass(frozen=True)
+class FindAnswer:
+    """What a twin lookup (findDigitalTwinById) found, and what it cost."""
+
+    location: Location
+    hops: int  # overlay hops to the NIC the record points at
+    rounds: int
+    queried: int
+    elapsed: float  # seconds
+
+
 @dataclass
 class _Pending:
     """A submission waiting for its group commit."""
@@ -109,6 +120,10 @@ class TwinPort:
         self.store_path = state_dir / OUTBOX_FILE
         self.locate = locate  # twin -> NIC key from location records
         self.publish = publish  # floods a verified location record; False when refused
+        # Twin lookups (the DHT, `nic.lookup`): `find` answers a twin's find request
+        # (None: not found); `on_dht` takes DHT messages other NICs sent us.
+        self.find: Callable[[PublicKey], Awaitable[FindAnswer | None]] | None = None
+        self.on_dht: Callable[[PublicKey, bytes, int], None] | None = None
         self.outbox = Outbox(config or OutboxConfig(ack_grace=ACK_GRACE))
         self.sessions: dict[PublicKey, list[TwinSession]] = defaultdict(list)
         self.counters: dict[str, int] = defaultdict(int)
@@ -228,6 +243,10 @@ class TwinPort:
             return
         self._send_to_nic(nic_key, _nic_bus("envelope", transmit.envelope))
 
+    def send_dht(self, nic_key: PublicKey, message: bytes) -> None:
+        """Send a DHT message to another NIC (best effort, like every bus frame)."""
+        self._send_to_nic(nic_key, _nic_bus("dht", message))
+
     def _send_to_nic(self, nic_key: PublicKey, data: bytes) -> None:
         try:
             self._transmit_in.send_nowait((nic_key, data))
@@ -251,6 +270,10 @@ class TwinPort:
         except DecodeError as exc:
             self.counters["bad_bus_frames"] += 1
             self.log.warning("bad bus frame", nic=source_nic.short, reason=str(exc))
+            return
+        if which == "dht":
+            if self.on_dht is not None:
+                self.on_dht(source_nic, value, hops)
             return
         if which == "notice":
             message_id, _twin, code = value
@@ -397,9 +420,34 @@ class TwinPort:
                                                "seqno or expiry)")
                 else:
                     await self._result(session, request_id, ok=True)
+            elif which == "find":
+                # A lookup takes network round trips: answered from its own task.
+                nursery.start_soon(self._find, session, request_id, value)
             else:
                 await self._result(session, request_id, ok=False, code="malformed",
                                    message=f"{which} is not a request a twin may send")
+
+    async def _find(self, session: TwinSession, request_id: int, twin: PublicKey) -> None:
+        if self.find is None:
+            await self._result(session, request_id, ok=False, code="unknownTwin",
+                               message="this NIC has no lookup service")
+            return
+        answer = await self.find(twin)
+        if answer is None:
+            await self._result(session, request_id, ok=False, code="unknownTwin",
+                               message=f"no location record found for {twin.text}")
+            return
+        message = _local.LocalMessage.new_message()
+        message.requestId = request_id
+        found = message.init("found")
+        location = found.init("location")
+        answer.location.fill(location)
+        found.hops = min(answer.hops, 255)
+        found.rounds = min(answer.rounds, 255)
+        found.queried = min(answer.queried, 65535)
+        found.elapsed = answer.elapsed
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+            session.outgoing.send_nowait(message.to_bytes())
 
     async def _submit(
         self, session: TwinSession, request_id: int, envelope: bytes, reliable: bool,
@@ -526,6 +574,8 @@ def _nic_bus(which: str, value: Any) -> bytes:
     message = _local.NicBus.new_message()
     if which == "envelope":
         message.envelope = value
+    elif which == "dht":
+        message.dht = value
     else:
         message_id, twin, code = value
         notice = message.init("notice")
@@ -542,6 +592,8 @@ def _read_nic_bus(reader: Any) -> tuple[str, Any]:
     if which == "notice":
         notice = reader.notice
         return which, (bytes(notice.messageId), bytes(notice.twin), str(notice.code))
+    if which == "dht":
+        return which, bytes(reader.dht)
     raise DecodeError(f"bus frame {which!r} unknown to this version")
 
 
@@ -567,6 +619,10 @@ def _read_request(reader: Any) -> tuple[int, str, Any]:
             raise DecodeError("location record with malformed keys")
         return request_id, which, Location(PublicKey(bytes(p.twin)), PublicKey(bytes(p.nic)),
                                            int(p.seqno), float(p.expires), bytes(p.signature))
+    if which == "find":
+        if len(reader.find) != 32:
+            raise DecodeError("find with a malformed twin key")
+        return request_id, which, PublicKey(bytes(reader.find))
     return request_id, which, None
 
 

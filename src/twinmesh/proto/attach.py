@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
+from twinmesh.errors import DecodeError
 from twinmesh.identity.keys import KEY_SIZE, SIGNATURE_SIZE, Identity, PublicKey
 
 ATTACH_CONTEXT = b"twinmesh/local/v1/attach"
@@ -63,6 +65,23 @@ class Location:
 
     def newer_than(self, other: Location | None) -> bool:
         return other is None or self.seqno > other.seqno
+
+    def fill(self, builder: Any) -> None:
+        """Write this record into a `Route.Location` builder."""
+        builder.twin = self.twin.raw
+        builder.nic = self.nic.raw
+        builder.seqno = self.seqno
+        builder.expires = self.expires
+        builder.signature = self.signature
+
+    @classmethod
+    def read(cls, reader: Any) -> Location:
+        """A record from a `Route.Location` reader (not yet verified: call `verify`).
+        Raises DecodeError when a key is malformed."""
+        if len(reader.twin) != 32 or len(reader.nic) != 32:
+            raise DecodeError("location record with malformed keys")
+        return cls(PublicKey(bytes(reader.twin)), PublicKey(bytes(reader.nic)),
+                   int(reader.seqno), float(reader.expires), bytes(reader.signature))
 
 
 def _location_message(twin: PublicKey, nic: PublicKey, seqno: int, expires: float) -> bytes:
