@@ -58,3 +58,13 @@ struct Ping {
   sentAt @0 :Float64;
   sequence @1 :UInt32;
 }
+
+struct ContactRequest {
+  # "May I add you as a contact?" Answered with ContactAccept once the user accepts.
+  name @0 :Text;             # the requester's display name
+  note @1 :Text;
+}
+
+struct ContactAccept {
+  name @0 :Text;             # the accepter's display name
+}

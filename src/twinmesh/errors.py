@@ -17,7 +17,8 @@
     ├── NoRouteError           the overlay has no route to that key
     ├── StorageError           a durable store cannot be opened or written (disk full, corrupt
     │                          file, read-only); the transaction was rolled back, keep running
-    └── AdminError             the admin API answered with an error
+    ├── AdminError             the admin API answered with an error
+    └── ApiError               a twin's API refused a request; `code` says why (api.capnp)
 
 Any other exception escaping a decoder is a bug; the fuzz tests check exactly that promise.
 """
@@ -87,3 +88,13 @@ class StorageError(TwinmeshError):
 
 class AdminError(TwinmeshError):
     """The NIC's admin API answered a command with an error."""
+
+
+class ApiError(TwinmeshError):
+    """A request to a twin's API failed; `code` is the machine-readable reason
+    (malformed, unknownTwin, offline, expired, noRoute, notContact, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
