@@ -27,7 +27,7 @@ import contextlib
 import heapq
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +129,9 @@ class BusClient:
         self._request_ids = itertools.count(1)
         self._results: dict[int, trio.MemorySendChannel[tuple[bool, str, str, str]]] = {}
         self._statuses: dict[bytes, tuple[str, str]] = {}
-        self._found: dict[int, Found] = {}  # find answers by requestId, until collected
+        self._found: dict[int, Found] = {}
+        # Told of every status change of this twin's messages (twind records them).
+        self.on_status: Callable[[bytes, str, str], None] | None = None
         # One event per message someone waits on (set on its next status change), so a
         # change wakes only that message's waiters, not every `wait_status` in flight.
         self._status_waiters: dict[bytes, trio.Event] = {}
@@ -241,6 +243,15 @@ class BusClient:
             if status != "delivered":
                 raise BusError(code or status, f"message {header.id.hex()} {status}")
         return header.id
+
+    async def submit_sealed(self, envelope: bytes, payload_size: int, *,
+                            fail_fast: bool = False) -> None:
+        """Hand an envelope sealed earlier (`crypto.seal_message`, e.g. while no NIC was
+        reachable) to the NIC's outbox; returns once it is stored durably there."""
+        ok, code, text, _ = await self._submit(envelope, payload_size, reliable=True,
+                                               fail_fast=fail_fast)
+        if not ok:
+            raise BusError(code, text)
 
     async def request(
         self, destination: PublicKey, message: Any, *, ttl: float = 60.0,
@@ -436,6 +447,8 @@ class BusClient:
         if current is not None and current[0] == "failed":
             return  # an error reply is more precise than the ack that came with it
         self._statuses[message_id] = (status, code)
+        if self.on_status is not None:
+            self.on_status(message_id, status, code)
         if len(self._statuses) > 100_000:
             self._statuses.pop(next(iter(self._statuses)))
         event = self._status_waiters.pop(message_id, None)

@@ -87,3 +87,11 @@ class Twin:
         subscriber that does not keep up loses events (bounded), never the twin."""
         raise ApiError("offline", "not built yet")
         yield  # pragma: no cover
+
+
+def default_twin_dir() -> Path:
+    """The user's default twin state directory under XDG_STATE_HOME."""
+    import os
+
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "twinmesh" / "twin"
