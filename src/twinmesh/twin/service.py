@@ -1,20 +1,44 @@
 """One twin: its identity, its store, its NIC session and the services it runs.
 
-(Being built: the method signatures below are the contract `twin.api`, the control
-socket, the web page and the lab use.)
+`Twin.run()` keeps the twin attached to a NIC for as long as it runs: it tries the
+NICs it was given in order, reconnects with a capped, jittered backoff when the NIC
+goes away, and moves to the next NIC in its list when one stays unreachable (or when
+told to, `move`). Each attach re-publishes the twin's signed location record with a
+newer sequence number, so messages queued for it find it at its new NIC.
+
+What the user sends is sealed here and written to the twin's store together with the
+envelope before the API answers; a NIC that takes it stores it durably and only then
+is it forgotten here. While no NIC is reachable the envelopes wait in the store and
+are handed over, oldest first, on the next attach: nothing is lost to a NIC restart.
+
+Services on the bus (typed payloads, schemas/rmb.capnp): chat (`TextMessage`), ping
+(`Ping`, answered with the same struct), contacts (`ContactRequest` /
+`ContactAccept`), and `ErrorBody` replies (a twin that refuses chat from strangers
+says `unauthorized`). Other schemas are answered `rejectedSchema` by the bus client.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
-from twinmesh.errors import ApiError
-from twinmesh.identity.keys import Identity
+from twinmesh import __version__
+from twinmesh.bus.client import BusClient, BusError, Received
+from twinmesh.bus.crypto import MAX_PAYLOAD, MAX_TTL, TwinCrypto
+from twinmesh.bus.inbox_store import InboxStore
+from twinmesh.errors import ApiError, StorageError
+from twinmesh.identity.keys import Identity, PublicKey
+from twinmesh.twin.store import ChatRow, ContactRow, TwinStore, WaitingRow
+from twinmesh.wire import schemas
 
 KEY_FILE = "twin.key"
 STORE_FILE = "twin.sqlite3"
@@ -23,75 +47,525 @@ CONTROL_SOCKET = "control.sock"
 WEB_TOKEN_FILE = "web.token"
 WEB_URL_FILE = "web.url"
 
+RECONNECT_INITIAL = 0.2
+RECONNECT_MAX = 5.0
+MOVE_AFTER_FAILURES = 3  # consecutive failed attaches before trying the next NIC
+SUBSCRIBER_QUEUE = 256
+STATUS_QUEUE = 10_000
+MAX_TEXT = 16 * 1024  # characters of one chat message
+MOVE_TIMEOUT = 10.0
+_FINAL = ("delivered", "expired", "failed")
+
+_rmb = schemas.rmb
+ACCEPTED = (_rmb.TextMessage, _rmb.Ping, _rmb.ContactRequest, _rmb.ContactAccept,
+            _rmb.ErrorBody)
+_TEXT_ID = _rmb.TextMessage.schema.node.id
+_PING_ID = _rmb.Ping.schema.node.id
+_CONTACT_REQUEST_ID = _rmb.ContactRequest.schema.node.id
+_CONTACT_ACCEPT_ID = _rmb.ContactAccept.schema.node.id
+_ERROR_ID = _rmb.ErrorBody.schema.node.id
+
 
 class Twin:
     def __init__(self, identity: Identity, state_dir: Path, nics: list[Path]) -> None:
+        if not nics:
+            raise ValueError("a twin needs at least one NIC socket")
         self.identity = identity
-        self.state_dir = state_dir
-        self.nics = nics
+        self.key = identity.public
+        self.state_dir = state_dir  # immutable after construction
+        self.nics = list(nics)  # the NICs to try, preferred first; changed by `move`
+        self.crypto = TwinCrypto(identity)
+        self.store: TwinStore | None = None
+        self.inbox_store: InboxStore | None = None
+        self.bus: BusClient | None = None  # set while attached
+        self.nic_path: Path | None = None
+        self.started_at = time.time()
+        self.dropped_events = 0
+        self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
+        self._attached = trio.Event()
+        self._session_scope: trio.CancelScope | None = None
+        self._flush_lock = trio.Lock()
+        self._status_in, self._status_out = trio.open_memory_channel[
+            tuple[bytes, str, str]](STATUS_QUEUE)
+        self.log = structlog.get_logger("twinmesh.twin").bind(twin=self.key.short)
+
+    # ------------------------------------------------------------------ running
 
     async def run(self, *, task_status: trio.TaskStatus[Twin] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the store, keep a NIC session (reconnecting, moving along `nics`), run
-        the services; `started` once the store is open (not waiting for a NIC)."""
-        raise NotImplementedError
+        """Open the stores, keep a NIC session, run the services until cancelled;
+        `started` once the stores are open (not waiting for a NIC)."""
+        self.store = await trio.to_thread.run_sync(TwinStore, self.state_dir / STORE_FILE)
+        try:
+            self.inbox_store = await trio.to_thread.run_sync(
+                InboxStore, self.state_dir / INBOX_FILE)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._record_statuses)
+                nursery.start_soon(self._stay_attached)
+                task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                for store in (self.inbox_store, self.store):
+                    if store is not None:
+                        await trio.to_thread.run_sync(store.close)
 
-    # The API (dicts mirror schemas/api.capnp; failures raise ApiError(code, message))
+    async def _stay_attached(self) -> None:
+        failures = 0
+        delay = RECONNECT_INITIAL
+        while True:
+            nic = self.nics[0]
+            try:
+                with trio.CancelScope() as self._session_scope:
+                    async with BusClient.connect(self.identity, nic, inbox=self.inbox_store,
+                                                 accepted=ACCEPTED) as bus:
+                        failures, delay = 0, RECONNECT_INITIAL
+                        await self._attached_session(bus, nic)
+            except Exception as exc:  # noqa: BLE001 - whatever broke, the twin reconnects
+                failures += 1
+                self.log.info("NIC unreachable", nic=str(nic), failures=failures,
+                              reason=str(exc) or type(exc).__name__)
+            finally:
+                self._session_scope = None
+                if self.bus is not None:
+                    self.bus = None
+                    self.nic_path = None
+                    self._attached = trio.Event()
+                    self._emit({"connection": self.identity_info()})
+            if failures >= MOVE_AFTER_FAILURES and len(self.nics) > 1:
+                # This NIC stays away: try the next one (it is tried again later).
+                self.nics.append(self.nics.pop(0))
+                self.log.warning("moving to another NIC", nic=str(self.nics[0]))
+                failures = 0
+            await trio.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(RECONNECT_MAX, delay * 2)
+
+    async def _attached_session(self, bus: BusClient, nic: Path) -> None:
+        bus.on_status = self._on_status
+        self.bus = bus
+        self.nic_path = nic
+        self._attached.set()
+        self.log.info("attached", nic=bus.nic.short, socket=str(nic))
+        self._emit({"connection": self.identity_info()})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.flush_waiting)
+            try:
+                while True:
+                    received = await bus.receive()
+                    try:
+                        await self._dispatch(bus, received)
+                    except (BusError, StorageError) as exc:
+                        self.log.warning("message not handled", id=received.id.hex(),
+                                         reason=str(exc))
+            except BusError as exc:
+                # The NIC went away (receive says "offline"): reconnect.
+                self.log.warning("NIC connection lost", reason=str(exc))
+            nursery.cancel_scope.cancel()
+
+    async def flush_waiting(self) -> None:
+        """Hand the envelopes sealed while no NIC took them to the NIC, oldest first."""
+        async with self._flush_lock:
+            store = self._store()
+            while (bus := self.bus) is not None:
+                batch = await trio.to_thread.run_sync(store.waiting, 256)
+                if not batch:
+                    return
+                for row in batch:
+                    if not await self._hand_over(bus, row):
+                        return
+
+    async def _hand_over(self, bus: BusClient, row: WaitingRow) -> bool:
+        """False when the NIC is gone (the envelope keeps waiting)."""
+        store = self._store()
+        if row.deadline <= time.time():
+            await self._update_statuses([(row.id, "expired", "expired")])
+            return True
+        try:
+            await bus.submit_sealed(row.envelope, row.payload_size)
+        except BusError as exc:
+            if exc.code == "offline":
+                return False
+            await self._update_statuses([(row.id, "failed", exc.code)])
+            return True
+        await trio.to_thread.run_sync(store.handed_over, row.id)
+        await self._update_statuses([(row.id, "queued", "")])
+        return True
+
+    # ---------------------------------------------------------------- services
+
+    async def _dispatch(self, bus: BusClient, received: Received) -> None:
+        schema_id = received.schema_id
+        if schema_id == _PING_ID:
+            fields = received.decode(_rmb.Ping)
+            answer = _rmb.Ping.new_message(sentAt=fields["sentAt"],
+                                           sequence=fields["sequence"])
+            await bus.reply(received, answer, ttl=30.0)
+        elif schema_id == _TEXT_ID:
+            await self._chat_arrived(bus, received)
+        elif schema_id == _CONTACT_REQUEST_ID:
+            await self._contact_requested(bus, received)
+        elif schema_id == _CONTACT_ACCEPT_ID:
+            await self._contact_accepted(received)
+        elif schema_id == _ERROR_ID and received.reply_to:
+            fields = received.decode(_rmb.ErrorBody)
+            await self._update_statuses([(received.reply_to, "failed", str(fields["code"]))])
+
+    async def _chat_arrived(self, bus: BusClient, received: Received) -> None:
+        store = self._store()
+        if await self._contacts_only():
+            contact = await trio.to_thread.run_sync(store.contact, received.source.raw)
+            if contact is None or contact.state != "accepted":
+                refusal = _rmb.ErrorBody.new_message(
+                    code="unauthorized", message="this twin accepts chat from contacts only")
+                await bus.reply(received, refusal, ttl=60.0)
+                return
+        text = str(received.decode(_rmb.TextMessage)["body"])
+        row = ChatRow(received.id, received.source.raw, False, text, time.time(),
+                      "received", "")
+        if await trio.to_thread.run_sync(store.add_chat, row):
+            self._emit({"message": await self._chat_entry(row)})
+
+    async def _contact_requested(self, bus: BusClient, received: Received) -> None:
+        store = self._store()
+        fields = received.decode(_rmb.ContactRequest)
+        peer = received.source.raw
+        current = await trio.to_thread.run_sync(store.contact, peer)
+        if current is not None and current.state == "accepted":
+            # They lost us (or asked twice): confirm again.
+            await bus.send(received.source, self._accept_message(), ttl=300.0)
+            return
+        if current is not None and current.state == "requested":
+            row = ContactRow(peer, current.name or str(fields["name"]), "accepted", time.time())
+            await bus.send(received.source, self._accept_message(), ttl=300.0)
+        else:
+            row = ContactRow(peer, str(fields["name"])[:100], "pending", time.time())
+        await trio.to_thread.run_sync(store.put_contact, row)
+        self._emit({"contact": _contact_dict(row)})
+
+    async def _contact_accepted(self, received: Received) -> None:
+        store = self._store()
+        fields = received.decode(_rmb.ContactAccept)
+        current = await trio.to_thread.run_sync(store.contact, received.source.raw)
+        if current is None or current.state == "accepted":
+            return  # we never asked (or already know): nothing to accept
+        row = ContactRow(current.twin, current.name or str(fields["name"])[:100], "accepted",
+                         time.time())
+        await trio.to_thread.run_sync(store.put_contact, row)
+        self._emit({"contact": _contact_dict(row)})
+
+    def _accept_message(self) -> Any:
+        return _rmb.ContactAccept.new_message(name=self._name_cached)
+
+    # --------------------------------------------------------------- statuses
+
+    def _on_status(self, message_id: bytes, status: str, code: str) -> None:
+        # Called from the bus client's reader: hand over, never block it.
+        with contextlib.suppress(trio.WouldBlock):
+            self._status_in.send_nowait((message_id, status, code))
+
+    async def _record_statuses(self) -> None:
+        async for change in self._status_out:
+            batch = [change]
+            while len(batch) < 512:
+                try:
+                    batch.append(self._status_out.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self._update_statuses(batch)
+
+    async def _update_statuses(self, changes: list[tuple[bytes, str, str]]) -> None:
+        store = self._store()
+        try:
+            changed = await trio.to_thread.run_sync(store.set_status, changes)
+        except StorageError as exc:
+            self.log.error("status not recorded", reason=str(exc))
+            return
+        if not changed or not self._subscribers:
+            return
+        final = {message_id: (status, code) for message_id, status, code in changes}
+        for message_id in changed:
+            status, code = final[message_id]
+            self._emit({"messageStatus": {"id": message_id.hex(), "status": status,
+                                          "code": code}})
+
+    # --------------------------------------------------------------------- API
 
     def identity_info(self) -> dict[str, Any]:
-        raise NotImplementedError
+        bus = self.bus
+        return {"twin": self.key.text, "name": self._name_cached,
+                "nic": bus.nic.text if bus is not None else "",
+                "nicSocket": str(self.nic_path) if self.nic_path is not None else ""}
+
+    @property
+    def _name_cached(self) -> str:
+        store = self.store
+        if store is None:
+            return ""
+        try:
+            return store.setting("name")
+        except StorageError:
+            return ""
 
     async def status(self) -> dict[str, Any]:
-        raise NotImplementedError
+        store = self._store()
+        waiting = await trio.to_thread.run_sync(store.waiting_count)
+        unread = await trio.to_thread.run_sync(store.unread)
+        contacts = await trio.to_thread.run_sync(store.contacts)
+        info = self.identity_info()
+        return {"twin": info["twin"], "name": info["name"], "connected": self.bus is not None,
+                "nic": info["nic"], "nicSocket": info["nicSocket"],
+                "uptime": time.time() - self.started_at, "waiting": waiting, "unread": unread,
+                "contacts": len(contacts), "version": __version__}
 
     async def ping(self, twin: str, *, timeout: float = 5.0, sequence: int = 0) -> dict[str, Any]:
-        raise NotImplementedError
+        peer = parse_twin(twin)
+        bus = self._bus()
+        sent = time.time()
+        message = _rmb.Ping.new_message(sentAt=sent, sequence=sequence)
+        timeout = min(max(timeout, 0.1), 60.0)
+        start = trio.current_time()
+        try:
+            reply = await bus.request(peer, message, ttl=max(1.0, timeout), timeout=timeout)
+        except BusError as exc:
+            raise ApiError(exc.code, str(exc)) from None
+        fields = reply.decode(_rmb.Ping)
+        if int(fields["sequence"]) != sequence:
+            raise ApiError("malformed", "the pong names another sequence number")
+        return {"twin": peer.text, "sequence": sequence, "rtt": trio.current_time() - start}
 
     async def find(self, twin: str) -> dict[str, Any]:
-        raise NotImplementedError
+        peer = parse_twin(twin)
+        bus = self._bus()
+        start = trio.current_time()
+        try:
+            found = await bus.find(peer)
+        except BusError as exc:
+            raise ApiError(exc.code, str(exc)) from None
+        location = found.location
+        return {"twin": location.twin.text, "nic": location.nic.text,
+                "name": getattr(location, "name", "") or "",
+                "seqno": location.seqno, "expires": location.expires,
+                "hops": min(found.hops, 255), "rounds": min(found.rounds, 255),
+                "queried": min(found.queried, 65535),
+                "elapsed": trio.current_time() - start}
 
     async def send_text(self, twin: str, text: str, *, ttl: float = 300.0,
                         wait: bool = False) -> dict[str, Any]:
-        raise NotImplementedError
+        """Record and send a chat message; with `wait`, answer once it is delivered,
+        expired or failed."""
+        peer = parse_twin(twin)
+        if not text:
+            raise ApiError("malformed", "an empty message")
+        if len(text) > MAX_TEXT:
+            raise ApiError("tooLarge", f"a message of {len(text)} characters exceeds {MAX_TEXT}")
+        if not 1.0 <= ttl <= MAX_TTL:
+            raise ApiError("malformed", f"ttl must be between 1 and {MAX_TTL:g} seconds")
+        payload = _rmb.TextMessage.new_message(body=text).to_bytes()
+        if len(payload) > MAX_PAYLOAD:
+            raise ApiError("tooLarge", "the message does not fit in one bus message")
+        now = time.time()
+        envelope, header = self.crypto.seal_message(
+            peer, payload, _TEXT_ID, now=now, ttl=ttl)
+        row = ChatRow(header.id, peer.raw, True, text, now, "waiting", "")
+        store = self._store()
+        try:
+            await trio.to_thread.run_sync(
+                store.add_chat, row, WaitingRow(header.id, envelope, len(payload),
+                                                header.deadline))
+        except StorageError as exc:
+            raise ApiError("overloaded", str(exc)) from None
+        entry = await self._chat_entry(row)
+        self._emit({"message": entry})
+        if self.bus is not None:
+            await self.flush_waiting()
+        if wait:
+            await self._wait_final(header.id, header.deadline + 5.0 - time.time())
+        current = await trio.to_thread.run_sync(store.chat_entry, header.id)
+        return await self._chat_entry(current or row)
+
+    async def _wait_final(self, message_id: bytes, timeout: float) -> None:
+        with trio.move_on_after(max(0.0, timeout)):
+            async with self.subscribe() as events:
+                entry = await trio.to_thread.run_sync(self._store().chat_entry, message_id)
+                if entry is not None and entry.status in _FINAL:
+                    return
+                async for event in events:
+                    status = event.get("messageStatus")
+                    if status and status["id"] == message_id.hex() and \
+                            status["status"] in _FINAL:
+                        return
 
     async def inbox(self, peer: str = "", *, limit: int = 50) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        store = self._store()
+        key = parse_twin(peer).raw if peer else None
+        rows = await trio.to_thread.run_sync(store.chat, key, max(1, min(limit, 10_000)))
+        await trio.to_thread.run_sync(store.mark_read)
+        names = await self._names()
+        return [_chat_dict(row, names) for row in rows]
 
     async def message_status(self, message_id: str) -> dict[str, Any]:
-        raise NotImplementedError
+        try:
+            raw = bytes.fromhex(message_id)
+        except ValueError:
+            raise ApiError("malformed", f"{message_id!r} is not a message id (hex)") from None
+        entry = await trio.to_thread.run_sync(self._store().chat_entry, raw)
+        if entry is not None and entry.outgoing:
+            return {"id": message_id, "status": entry.status, "code": entry.code}
+        if self.bus is not None:
+            status, code = await self.bus.status(raw)
+            return {"id": message_id, "status": status, "code": code}
+        raise ApiError("unknown", f"no message {message_id} sent by this twin")
 
     async def contacts(self) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        rows = await trio.to_thread.run_sync(self._store().contacts)
+        return [_contact_dict(row) for row in rows]
 
     async def add_contact(self, twin: str, name: str = "") -> dict[str, Any]:
-        raise NotImplementedError
+        """Add a contact and ask it to add us back (accepted once it answers)."""
+        peer = parse_twin(twin)
+        if peer == self.key:
+            raise ApiError("malformed", "a twin cannot be its own contact")
+        store = self._store()
+        current = await trio.to_thread.run_sync(store.contact, peer.raw)
+        if current is not None and current.state == "pending":
+            return await self.accept_contact(twin, name)
+        state = current.state if current is not None else "requested"
+        row = ContactRow(peer.raw, name[:100] or (current.name if current else ""), state,
+                         current.since if current else time.time())
+        await trio.to_thread.run_sync(store.put_contact, row)
+        self._emit({"contact": _contact_dict(row)})
+        if state != "accepted":
+            request = _rmb.ContactRequest.new_message(name=self._name_cached)
+            await self._send_service(peer, request)
+        return _contact_dict(row)
 
     async def accept_contact(self, twin: str, name: str = "") -> dict[str, Any]:
-        raise NotImplementedError
+        peer = parse_twin(twin)
+        store = self._store()
+        current = await trio.to_thread.run_sync(store.contact, peer.raw)
+        if current is None:
+            raise ApiError("unknownTwin", f"{peer.text} has not asked to be a contact")
+        row = ContactRow(peer.raw, name[:100] or current.name, "accepted", time.time())
+        await trio.to_thread.run_sync(store.put_contact, row)
+        self._emit({"contact": _contact_dict(row)})
+        if current.state != "accepted":
+            await self._send_service(peer, self._accept_message())
+        return _contact_dict(row)
 
     async def remove_contact(self, twin: str) -> None:
-        raise NotImplementedError
+        peer = parse_twin(twin)
+        if not await trio.to_thread.run_sync(self._store().remove_contact, peer.raw):
+            raise ApiError("unknownTwin", f"{peer.text} is not a contact")
+        self._emit({"contact": {"twin": peer.text, "name": "", "state": "removed",
+                                "since": time.time()}})
 
     async def settings(self) -> dict[str, Any]:
-        raise NotImplementedError
+        return {"contactsOnly": await self._contacts_only(), "name": self._name_cached}
 
     async def set_settings(self, *, contacts_only: bool | None = None,
                            name: str | None = None) -> dict[str, Any]:
-        raise NotImplementedError
+        store = self._store()
+        if contacts_only is not None:
+            await trio.to_thread.run_sync(store.set_setting, "contacts_only",
+                                          "1" if contacts_only else "0")
+        if name is not None:
+            await trio.to_thread.run_sync(store.set_setting, "name", name[:100])
+        return await self.settings()
 
     async def move(self, nic: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """Attach to another NIC (its state dir or twins.sock) and re-publish there."""
+        path = Path(nic).expanduser()
+        if not path.exists():
+            raise ApiError("malformed", f"{path}: no such NIC socket or state dir")
+        path = path.resolve()
+        if path in self.nics:
+            self.nics.remove(path)
+        self.nics.insert(0, path)
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+        with trio.move_on_after(MOVE_TIMEOUT):
+            while True:
+                await self._attached.wait()
+                if self.nic_path == path:
+                    return self.identity_info()
+                await trio.sleep(0.05)
+        raise ApiError("offline", f"could not attach to the NIC at {path}")
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
         """Events (dicts mirroring `Event`) from now on, until the block exits. A
         subscriber that does not keep up loses events (bounded), never the twin."""
-        raise ApiError("offline", "not built yet")
-        yield  # pragma: no cover
+        send, receive = trio.open_memory_channel[dict[str, Any]](SUBSCRIBER_QUEUE)
+        self._subscribers.add(send)
+        try:
+            yield receive
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    async def wait_attached(self) -> None:
+        await self._attached.wait()
+
+    # --------------------------------------------------------------- internals
+
+    async def _send_service(self, peer: PublicKey, message: Any) -> None:
+        bus = self._bus()
+        try:
+            await bus.send(peer, message, ttl=600.0)
+        except BusError as exc:
+            raise ApiError(exc.code, str(exc)) from None
+
+    async def _contacts_only(self) -> bool:
+        value = await trio.to_thread.run_sync(self._store().setting, "contacts_only", "0")
+        return value == "1"
+
+    async def _names(self) -> dict[bytes, str]:
+        rows = await trio.to_thread.run_sync(self._store().contacts)
+        return {row.twin: row.name for row in rows}
+
+    async def _chat_entry(self, row: ChatRow) -> dict[str, Any]:
+        contact = await trio.to_thread.run_sync(self._store().contact, row.peer)
+        return _chat_dict(row, {row.peer: contact.name} if contact else {})
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber.send_nowait(event)
+            except trio.WouldBlock:
+                self.dropped_events += 1
+            except trio.BrokenResourceError:
+                self._subscribers.discard(subscriber)
+
+    def _store(self) -> TwinStore:
+        if self.store is None:
+            raise ApiError("offline", "the twin is not running")
+        return self.store
+
+    def _bus(self) -> BusClient:
+        bus = self.bus
+        if bus is None:
+            raise ApiError("offline", "the twin is not attached to a NIC right now")
+        return bus
+
+
+def parse_twin(text: str) -> PublicKey:
+    """A twin id from its text form; ApiError(malformed) saying why not."""
+    try:
+        return PublicKey.from_text(text.strip())
+    except ValueError as exc:
+        raise ApiError("malformed", f"{text[:60]!r} is not a twin id: {exc}") from None
+
+
+def _chat_dict(row: ChatRow, names: dict[bytes, str]) -> dict[str, Any]:
+    return {"id": row.id.hex(), "peer": PublicKey(row.peer).text,
+            "peerName": names.get(row.peer, ""), "outgoing": row.outgoing, "text": row.text,
+            "at": row.at, "status": row.status, "code": row.code}
+
+
+def _contact_dict(row: ContactRow) -> dict[str, Any]:
+    return {"twin": PublicKey(row.twin).text, "name": row.name, "state": row.state,
+            "since": row.since}
 
 
 def default_twin_dir() -> Path:
     """The user's default twin state directory under XDG_STATE_HOME."""
-    import os
-
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "twinmesh" / "twin"

@@ -1,0 +1,260 @@
+"""What a twin keeps about its user: conversations, contacts, settings, and the
+messages it sealed while no NIC would take them.
+
+One sqlite3 file in the twin's state dir (`twinmesh.storage`: mode 0600, WAL,
+synchronous=FULL, one transaction per call, StorageError naming the file on any
+failure). A chat message the user sends is written here, together with its sealed
+envelope, before twind answers: if the NIC is down the envelope waits in `waiting`
+and is handed over when a NIC is back, so nothing the user sent is lost to a NIC
+restart or a twind crash. Bounded: `max_waiting` envelopes (then `overloaded`) and
+the newest `max_history` chat entries.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twinmesh.errors import StorageError
+from twinmesh.storage import SqliteStore, open_database, rollback, storage_error
+
+STORE_KIND = "twinmesh-twin"
+SCHEMA_VERSION = 1
+DEFAULT_MAX_WAITING = 10_000
+DEFAULT_MAX_HISTORY = 100_000
+
+# Version 1; a later version adds a migration in storage._check_schema. Never edit these.
+_SCHEMA = (
+    "CREATE TABLE schema_version (kind TEXT NOT NULL, version INTEGER NOT NULL) STRICT",
+    """CREATE TABLE chat (
+        seq      INTEGER PRIMARY KEY,
+        id       BLOB NOT NULL UNIQUE,
+        peer     BLOB NOT NULL,
+        outgoing INTEGER NOT NULL,
+        text     TEXT NOT NULL,
+        at       REAL NOT NULL,
+        status   TEXT NOT NULL,
+        code     TEXT NOT NULL
+    ) STRICT""",
+    "CREATE INDEX chat_by_peer ON chat (peer, seq)",
+    # Sealed envelopes no NIC has accepted yet, oldest first.
+    """CREATE TABLE waiting (
+        seq          INTEGER PRIMARY KEY,
+        id           BLOB NOT NULL UNIQUE,
+        envelope     BLOB NOT NULL,
+        payload_size INTEGER NOT NULL,
+        deadline     REAL NOT NULL
+    ) STRICT""",
+    """CREATE TABLE contacts (
+        twin  BLOB PRIMARY KEY,
+        name  TEXT NOT NULL,
+        state TEXT NOT NULL,   -- accepted, requested (we asked), pending (they asked)
+        since REAL NOT NULL
+    ) STRICT, WITHOUT ROWID""",
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT, WITHOUT ROWID",
+)
+
+T = TypeVar("T")
+_CHAT = "id, peer, outgoing, text, at, status, code"
+
+
+@dataclass(frozen=True)
+class ChatRow:
+    id: bytes
+    peer: bytes
+    outgoing: bool
+    text: str
+    at: float
+    status: str
+    code: str
+
+
+@dataclass(frozen=True)
+class WaitingRow:
+    id: bytes
+    envelope: bytes
+    payload_size: int
+    deadline: float
+
+
+@dataclass(frozen=True)
+class ContactRow:
+    twin: bytes
+    name: str
+    state: str
+    since: float
+
+
+class TwinStore(SqliteStore):
+    kind = "twin"
+
+    def __init__(self, path: Path, *, max_waiting: int = DEFAULT_MAX_WAITING,
+                 max_history: int = DEFAULT_MAX_HISTORY) -> None:
+        super().__init__(path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA))
+        self.max_waiting = max_waiting
+        self.max_history = max_history
+
+    # ------------------------------------------------------------------ chat
+
+    def add_chat(self, row: ChatRow, waiting: WaitingRow | None = None) -> bool:
+        """Record a chat entry (and the envelope that carries it, until a NIC takes it).
+        False when that id is already recorded (a message delivered twice). Raises
+        StorageError("... full") when `max_waiting` envelopes already wait."""
+        def run(conn: sqlite3.Connection) -> bool:
+            if waiting is not None:
+                (count,) = conn.execute("SELECT count(*) FROM waiting").fetchone()
+                if count >= self.max_waiting:
+                    raise StorageError(f"{self.path}: {count} messages already wait for a "
+                                       f"NIC (limit {self.max_waiting}): full")
+            cursor = conn.execute(
+                f"INSERT OR IGNORE INTO chat ({_CHAT}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (row.id, row.peer, int(row.outgoing), row.text, row.at, row.status, row.code))
+            if cursor.rowcount == 0:
+                return False
+            if waiting is not None:
+                conn.execute(
+                    "INSERT INTO waiting (id, envelope, payload_size, deadline) "
+                    "VALUES (?, ?, ?, ?)",
+                    (waiting.id, waiting.envelope, waiting.payload_size, waiting.deadline))
+            conn.execute(
+                "DELETE FROM chat WHERE seq <= (SELECT max(seq) FROM chat) - ?",
+                (self.max_history,))
+            return True
+
+        return self._write("record a chat message", run)
+
+    def set_status(self, changes: Iterable[tuple[bytes, str, str]]) -> list[bytes]:
+        """Apply (id, status, code) changes to outgoing entries; a final status
+        (delivered, expired, failed) is never overwritten by an earlier one. Returns
+        the ids that changed."""
+        def run(conn: sqlite3.Connection) -> list[bytes]:
+            changed = []
+            for message_id, status, code in changes:
+                cursor = conn.execute(
+                    "UPDATE chat SET status = ?, code = ? WHERE id = ? AND outgoing = 1 "
+                    "AND status NOT IN ('delivered', 'expired', 'failed') "
+                    "AND NOT (status = ? AND code = ?)",
+                    (status, code, message_id, status, code))
+                if cursor.rowcount:
+                    changed.append(message_id)
+                if status in ("failed", "expired"):
+                    conn.execute("DELETE FROM waiting WHERE id = ?", (message_id,))
+            return changed
+
+        return self._write("update message statuses", run)
+
+    def handed_over(self, message_id: bytes) -> None:
+        """A NIC stored the envelope durably: it no longer waits here."""
+        self._write("forget a handed-over envelope", lambda conn: conn.execute(
+            "DELETE FROM waiting WHERE id = ?", (message_id,)))
+
+    def waiting(self, limit: int = 1000) -> list[WaitingRow]:
+        rows = self._read("read waiting envelopes", lambda conn: conn.execute(
+            "SELECT id, envelope, payload_size, deadline FROM waiting ORDER BY seq LIMIT ?",
+            (limit,)).fetchall())
+        return [WaitingRow(*row) for row in rows]
+
+    def waiting_count(self) -> int:
+        (count,) = self._read("count waiting envelopes", lambda conn: conn.execute(
+            "SELECT count(*) FROM waiting").fetchone())
+        return int(count)
+
+    def chat(self, peer: bytes | None = None, limit: int = 50) -> list[ChatRow]:
+        """The newest `limit` entries (of one conversation), oldest first."""
+        def run(conn: sqlite3.Connection) -> list[Any]:
+            if peer is None:
+                return conn.execute(f"SELECT {_CHAT} FROM chat ORDER BY seq DESC LIMIT ?",
+                                    (limit,)).fetchall()
+            return conn.execute(
+                f"SELECT {_CHAT} FROM chat WHERE peer = ? ORDER BY seq DESC LIMIT ?",
+                (peer, limit)).fetchall()
+
+        rows = self._read("read the chat history", run)
+        return [_chat_row(row) for row in reversed(rows)]
+
+    def chat_entry(self, message_id: bytes) -> ChatRow | None:
+        row = self._read("read a chat message", lambda conn: conn.execute(
+            f"SELECT {_CHAT} FROM chat WHERE id = ?", (message_id,)).fetchone())
+        return None if row is None else _chat_row(row)
+
+    def unread(self) -> int:
+        """Incoming entries after the last `mark_read`."""
+        last = int(self.setting("read_seq", "0"))
+        (count,) = self._read("count unread messages", lambda conn: conn.execute(
+            "SELECT count(*) FROM chat WHERE outgoing = 0 AND seq > ?", (last,)).fetchone())
+        return int(count)
+
+    def mark_read(self) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            (seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM chat").fetchone()
+            conn.execute("INSERT OR REPLACE INTO settings VALUES ('read_seq', ?)", (str(seq),))
+
+        self._write("mark messages read", run)
+
+    # -------------------------------------------------------------- contacts
+
+    def contact(self, twin: bytes) -> ContactRow | None:
+        row = self._read("read a contact", lambda conn: conn.execute(
+            "SELECT twin, name, state, since FROM contacts WHERE twin = ?",
+            (twin,)).fetchone())
+        return None if row is None else ContactRow(*row)
+
+    def contacts(self) -> list[ContactRow]:
+        rows = self._read("read contacts", lambda conn: conn.execute(
+            "SELECT twin, name, state, since FROM contacts ORDER BY name, twin").fetchall())
+        return [ContactRow(*row) for row in rows]
+
+    def put_contact(self, row: ContactRow) -> None:
+        self._write("save a contact", lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO contacts VALUES (?, ?, ?, ?)",
+            (row.twin, row.name, row.state, row.since)))
+
+    def remove_contact(self, twin: bytes) -> bool:
+        cursor = self._write("remove a contact", lambda conn: conn.execute(
+            "DELETE FROM contacts WHERE twin = ?", (twin,)))
+        return bool(cursor.rowcount)
+
+    # -------------------------------------------------------------- settings
+
+    def setting(self, key: str, default: str = "") -> str:
+        row = self._read("read a setting", lambda conn: conn.execute(
+            "SELECT value FROM settings WHERE key = ?", (key,)).fetchone())
+        return default if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        self._write("save a setting", lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value)))
+
+    # ------------------------------------------------------------- internals
+
+    def _write(self, doing: str, run: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                result = run(conn)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                rollback(conn)
+                raise storage_error(self.path, f"cannot {doing}", exc) from None
+            except BaseException:
+                rollback(conn)
+                raise
+            return result
+
+    def _read(self, doing: str, run: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            conn = self._connection()
+            try:
+                return run(conn)
+            except sqlite3.Error as exc:
+                raise storage_error(self.path, f"cannot {doing}", exc) from None
+
+
+def _chat_row(row: Any) -> ChatRow:
+    id_, peer, outgoing, text, at, status, code = row
+    return ChatRow(bytes(id_), bytes(peer), bool(outgoing), str(text), float(at), str(status),
+                   str(code))
