@@ -132,6 +132,9 @@ class BusClient:
         self._found: dict[int, Found] = {}
         # Told of every status change of this twin's messages (twind records them).
         self.on_status: Callable[[bytes, str, str], None] | None = None
+        # Asked about every new message before it is acked: (code, reason) refuses it
+        # with a typed error reply (e.g. twind's "contacts only"), None accepts it.
+        self.screen: Callable[[PublicKey, int], tuple[str, str] | None] | None = None
         # One event per message someone waits on (set on its next status change), so a
         # change wakes only that message's waiters, not every `wait_status` in flight.
         self._status_waiters: dict[bytes, trio.Event] = {}
@@ -480,6 +483,11 @@ class BusClient:
     async def _message(self, opened: Opened, now: float) -> None:
         header = opened.header
         rejection = self._check_schema(header.schema_id, opened.payload)
+        code = "rejectedSchema"
+        if rejection is None and self.screen is not None:
+            refused = self.screen(header.source, header.schema_id)
+            if refused is not None:
+                code, rejection = refused
         if rejection is None and self.inbox is None and self._incoming_full():
             return  # no room and no store: not acked, so the sender's NIC retries later
         if rejection is None:
@@ -495,7 +503,7 @@ class BusClient:
         if rejection is not None:
             # The error first, then the ack that stops the retries: on the one path
             # between us they arrive in this order, and "failed" is final at the sender.
-            await self._reply(self.crypto.seal_error(header, "rejectedSchema", rejection,
+            await self._reply(self.crypto.seal_error(header, code, rejection,
                                                      now=now))
         await self._reply(self.crypto.seal_ack(header, opened.token, now=now))
         if rejection is not None:

@@ -389,3 +389,75 @@ def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+@dataclass
+class TwindProcess:
+    """A running `twind` (one twin): its state dir, key and the process."""
+
+    state_dir: Path
+    process: trio.Process
+    stderr_path: Path
+    key: str = ""
+
+    async def call(self, which: str, value: Any = None, **options: Any) -> Any:
+        """One request on the twin's control socket (`twinmesh.control.twin_client`)."""
+        from twinmesh.control.twin_client import twin_call
+
+        return await twin_call(self.state_dir, which, value, **options)
+
+    def stderr_text(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        await _stop(self.process, sig, timeout)
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+
+@asynccontextmanager
+async def run_twind(
+    state_dir: Path,
+    *nics: Path,
+    args: Sequence[str] = (),
+    start_timeout: float = START_TIMEOUT,
+    stop_timeout: float = STOP_TIMEOUT,
+    attached: bool = True,
+) -> AsyncIterator[TwindProcess]:
+    """Start `twind --state-dir DIR --nic ...` and yield it once its control socket
+    answers (and, with `attached`, once it is attached to a NIC). Stopped and reaped
+    on exit like `run_pnicd`; stderr in `<state_dir>.stderr.log`."""
+    from twinmesh.errors import ApiError
+
+    argv = [*console_script("twind"), "--state-dir", str(state_dir)]
+    for nic in nics:
+        argv += ["--nic", str(nic)]
+    argv += list(args)
+    stderr_path = state_dir.with_name(state_dir.name + ".stderr.log")
+    stderr_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(stderr_path, "ab") as stderr:
+        process = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            env=_child_env(None))
+    twin = TwindProcess(state_dir, process, stderr_path)
+    try:
+        with trio.move_on_after(start_timeout):
+            while True:
+                if process.returncode is not None:
+                    raise AssertionError(f"twind in {state_dir} exited with "
+                                         f"{process.returncode}; stderr:\n{twin.stderr_text()}")
+                try:
+                    status = await twin.call("status")
+                    if status["connected"] or not attached:
+                        twin.key = status["twin"]
+                        break
+                except ApiError:
+                    pass
+                await trio.sleep(0.05)
+        if not twin.key:
+            raise AssertionError(f"twind in {state_dir} not ready within {start_timeout:g} s; "
+                                 f"stderr:\n{twin.stderr_text()}")
+        yield twin
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop(process, signal.SIGTERM, stop_timeout)

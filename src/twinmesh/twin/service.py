@@ -81,6 +81,10 @@ class Twin:
         self.nic_path: Path | None = None
         self.started_at = time.time()
         self.dropped_events = 0
+        # Mirrors of the store for the bus client's screen (called synchronously for
+        # every arriving message): changed only together with the store.
+        self._contacts_only = False
+        self._accepted_contacts: set[bytes] = set()
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self._attached = trio.Event()
         self._session_scope: trio.CancelScope | None = None
@@ -98,6 +102,7 @@ class Twin:
         try:
             self.inbox_store = await trio.to_thread.run_sync(
                 InboxStore, self.state_dir / INBOX_FILE)
+            await self._load_screen()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._record_statuses)
                 nursery.start_soon(self._stay_attached)
@@ -119,7 +124,7 @@ class Twin:
                                                  accepted=ACCEPTED) as bus:
                         failures, delay = 0, RECONNECT_INITIAL
                         await self._attached_session(bus, nic)
-            except Exception as exc:  # noqa: BLE001 - whatever broke, the twin reconnects
+            except Exception as exc:  # whatever broke, the twin reconnects
                 failures += 1
                 self.log.info("NIC unreachable", nic=str(nic), failures=failures,
                               reason=str(exc) or type(exc).__name__)
@@ -140,6 +145,7 @@ class Twin:
 
     async def _attached_session(self, bus: BusClient, nic: Path) -> None:
         bus.on_status = self._on_status
+        bus.screen = self._screen
         self.bus = bus
         self.nic_path = nic
         self._attached.set()
@@ -208,15 +214,27 @@ class Twin:
             fields = received.decode(_rmb.ErrorBody)
             await self._update_statuses([(received.reply_to, "failed", str(fields["code"]))])
 
+    def _screen(self, source: PublicKey, schema_id: int) -> tuple[str, str] | None:
+        if (schema_id == _TEXT_ID and self._contacts_only
+                and source.raw not in self._accepted_contacts):
+            return "unauthorized", "this twin accepts chat from its contacts only"
+        return None
+
+    async def _save_contact(self, row: ContactRow) -> None:
+        await trio.to_thread.run_sync(self._store().put_contact, row)
+        if row.state == "accepted":
+            self._accepted_contacts.add(row.twin)
+        else:
+            self._accepted_contacts.discard(row.twin)
+
+    async def _load_screen(self) -> None:
+        store = self._store()
+        self._contacts_only = await self._contacts_only_setting()
+        rows = await trio.to_thread.run_sync(store.contacts)
+        self._accepted_contacts = {row.twin for row in rows if row.state == "accepted"}
+
     async def _chat_arrived(self, bus: BusClient, received: Received) -> None:
         store = self._store()
-        if await self._contacts_only():
-            contact = await trio.to_thread.run_sync(store.contact, received.source.raw)
-            if contact is None or contact.state != "accepted":
-                refusal = _rmb.ErrorBody.new_message(
-                    code="unauthorized", message="this twin accepts chat from contacts only")
-                await bus.reply(received, refusal, ttl=60.0)
-                return
         text = str(received.decode(_rmb.TextMessage)["body"])
         row = ChatRow(received.id, received.source.raw, False, text, time.time(),
                       "received", "")
@@ -237,7 +255,7 @@ class Twin:
             await bus.send(received.source, self._accept_message(), ttl=300.0)
         else:
             row = ContactRow(peer, str(fields["name"])[:100], "pending", time.time())
-        await trio.to_thread.run_sync(store.put_contact, row)
+        await self._save_contact(row)
         self._emit({"contact": _contact_dict(row)})
 
     async def _contact_accepted(self, received: Received) -> None:
@@ -248,7 +266,7 @@ class Twin:
             return  # we never asked (or already know): nothing to accept
         row = ContactRow(current.twin, current.name or str(fields["name"])[:100], "accepted",
                          time.time())
-        await trio.to_thread.run_sync(store.put_contact, row)
+        await self._save_contact(row)
         self._emit({"contact": _contact_dict(row)})
 
     def _accept_message(self) -> Any:
@@ -430,7 +448,7 @@ class Twin:
         state = current.state if current is not None else "requested"
         row = ContactRow(peer.raw, name[:100] or (current.name if current else ""), state,
                          current.since if current else time.time())
-        await trio.to_thread.run_sync(store.put_contact, row)
+        await self._save_contact(row)
         self._emit({"contact": _contact_dict(row)})
         if state != "accepted":
             request = _rmb.ContactRequest.new_message(name=self._name_cached)
@@ -444,7 +462,7 @@ class Twin:
         if current is None:
             raise ApiError("unknownTwin", f"{peer.text} has not asked to be a contact")
         row = ContactRow(peer.raw, name[:100] or current.name, "accepted", time.time())
-        await trio.to_thread.run_sync(store.put_contact, row)
+        await self._save_contact(row)
         self._emit({"contact": _contact_dict(row)})
         if current.state != "accepted":
             await self._send_service(peer, self._accept_message())
@@ -454,11 +472,12 @@ class Twin:
         peer = parse_twin(twin)
         if not await trio.to_thread.run_sync(self._store().remove_contact, peer.raw):
             raise ApiError("unknownTwin", f"{peer.text} is not a contact")
+        self._accepted_contacts.discard(peer.raw)
         self._emit({"contact": {"twin": peer.text, "name": "", "state": "removed",
                                 "since": time.time()}})
 
     async def settings(self) -> dict[str, Any]:
-        return {"contactsOnly": await self._contacts_only(), "name": self._name_cached}
+        return {"contactsOnly": await self._contacts_only_setting(), "name": self._name_cached}
 
     async def set_settings(self, *, contacts_only: bool | None = None,
                            name: str | None = None) -> dict[str, Any]:
@@ -468,6 +487,7 @@ class Twin:
                                           "1" if contacts_only else "0")
         if name is not None:
             await trio.to_thread.run_sync(store.set_setting, "name", name[:100])
+        await self._load_screen()
         return await self.settings()
 
     async def move(self, nic: str) -> dict[str, Any]:
@@ -513,7 +533,7 @@ class Twin:
         except BusError as exc:
             raise ApiError(exc.code, str(exc)) from None
 
-    async def _contacts_only(self) -> bool:
+    async def _contacts_only_setting(self) -> bool:
         value = await trio.to_thread.run_sync(self._store().setting, "contacts_only", "0")
         return value == "1"
 
