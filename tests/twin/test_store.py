@@ -1,0 +1,101 @@
+"""The twin's store: chat history, waiting envelopes, contacts, settings, bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from twinmesh.errors import StorageError
+from twinmesh.twin.store import ChatRow, ContactRow, TwinStore, WaitingRow
+
+
+def _chat(i: int, *, outgoing: bool = True, status: str = "waiting") -> ChatRow:
+    return ChatRow(bytes([i]) * 16, b"p" * 32, outgoing, f"m{i}", float(i), status, "")
+
+
+def _waiting(i: int) -> WaitingRow:
+    return WaitingRow(bytes([i]) * 16, b"envelope", 10, 1e12)
+
+
+def test_sent_messages_and_their_envelopes_survive_a_reopen(tmp_path):
+    path = tmp_path / "twin.sqlite3"
+    with TwinStore(path) as store:
+        assert store.add_chat(_chat(1), _waiting(1))
+        assert store.add_chat(_chat(2), _waiting(2))
+    with TwinStore(path) as store:
+        assert [w.id for w in store.waiting()] == [bytes([1]) * 16, bytes([2]) * 16]
+        store.handed_over(bytes([1]) * 16)
+        assert store.waiting_count() == 1
+        assert [c.text for c in store.chat()] == ["m1", "m2"]
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_the_same_message_is_recorded_once(tmp_path):
+    with TwinStore(tmp_path / "t") as store:
+        assert store.add_chat(_chat(1, outgoing=False, status="received"))
+        assert not store.add_chat(_chat(1, outgoing=False, status="received"))
+        assert len(store.chat()) == 1
+
+
+def test_a_final_status_is_never_overwritten(tmp_path):
+    with TwinStore(tmp_path / "t") as store:
+        store.add_chat(_chat(1), _waiting(1))
+        message = bytes([1]) * 16
+        assert store.set_status([(message, "queued", "")]) == [message]
+        assert store.set_status([(message, "queued", "")]) == []  # no change, no event
+        store.set_status([(message, "delivered", "")])
+        store.set_status([(message, "sent", "")])  # a late update never goes back
+        assert store.chat_entry(message).status == "delivered"
+
+
+def test_expired_and_failed_messages_stop_waiting(tmp_path):
+    with TwinStore(tmp_path / "t") as store:
+        store.add_chat(_chat(1), _waiting(1))
+        store.add_chat(_chat(2), _waiting(2))
+        store.set_status([(bytes([1]) * 16, "expired", "expired"),
+                          (bytes([2]) * 16, "failed", "tooLarge")])
+        assert store.waiting_count() == 0
+
+
+def test_waiting_envelopes_are_bounded(tmp_path):
+    with TwinStore(tmp_path / "t", max_waiting=2) as store:
+        store.add_chat(_chat(1), _waiting(1))
+        store.add_chat(_chat(2), _waiting(2))
+        with pytest.raises(StorageError, match="full"):
+            store.add_chat(_chat(3), _waiting(3))
+        assert store.chat_entry(bytes([3]) * 16) is None  # nothing half-recorded
+
+
+def test_history_keeps_the_newest_entries(tmp_path):
+    with TwinStore(tmp_path / "t", max_history=3) as store:
+        for i in range(1, 6):
+            store.add_chat(_chat(i, outgoing=False, status="received"))
+        assert [c.text for c in store.chat()] == ["m3", "m4", "m5"]
+        assert [c.text for c in store.chat(b"p" * 32, limit=2)] == ["m4", "m5"]
+
+
+def test_unread_counts_incoming_after_mark_read(tmp_path):
+    with TwinStore(tmp_path / "t") as store:
+        store.add_chat(_chat(1, outgoing=False, status="received"))
+        store.add_chat(_chat(2))
+        assert store.unread() == 1
+        store.mark_read()
+        assert store.unread() == 0
+
+
+def test_contacts_and_settings(tmp_path):
+    with TwinStore(tmp_path / "t") as store:
+        store.put_contact(ContactRow(b"b" * 32, "Bob", "requested", 1.0))
+        store.put_contact(ContactRow(b"b" * 32, "Bob", "accepted", 2.0))
+        assert store.contact(b"b" * 32).state == "accepted"
+        assert len(store.contacts()) == 1
+        assert store.remove_contact(b"b" * 32) and not store.remove_contact(b"b" * 32)
+        assert store.setting("name", "none") == "none"
+        store.set_setting("name", "Alice")
+        assert store.setting("name") == "Alice"
+
+
+def test_a_file_that_is_not_a_twin_store_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "t"
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(StorageError, match=str(path)):
+        TwinStore(path)
