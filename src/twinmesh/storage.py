@@ -55,9 +55,15 @@ class SqliteStore:
 
 
 def open_database(
-    path: Path, kind: str, version: int, schema: tuple[str, ...], *, max_bytes: int | None = None
+    path: Path, kind: str, version: int, schema: tuple[str, ...], *,
+    max_bytes: int | None = None, power_safe: bool = True,
 ) -> sqlite3.Connection:
     """Open (creating with mode 0600) a store file of `kind`, WAL, synchronous=FULL.
+
+    `power_safe=False` uses synchronous=NORMAL: a commit still survives the process
+    being killed (the log is in the kernel's cache), but the last commits may be lost
+    if the machine loses power. Only for stores whose every entry also lives somewhere
+    that is power safe or can be asked for again.
 
     Raises StorageError naming the file when it cannot be created or opened, is not a
     database, is corrupt, or holds another kind of store or a newer schema.
@@ -73,7 +79,7 @@ def open_database(
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode != "wal":
             raise StorageError(f"{path}: cannot use a write-ahead log (journal mode {mode})")
-        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if power_safe else 'NORMAL'}")
         conn.execute("PRAGMA journal_size_limit = 16777216")  # shrink the log after bursts
         if max_bytes is not None:
             (page_size,) = conn.execute("PRAGMA page_size").fetchone()

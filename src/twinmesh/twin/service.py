@@ -52,6 +52,7 @@ RECONNECT_MAX = 5.0
 MOVE_AFTER_FAILURES = 3  # consecutive failed attaches before trying the next NIC
 SUBSCRIBER_QUEUE = 256
 STATUS_QUEUE = 10_000
+RECENT_STATUSES = 10_000
 MAX_TEXT = 16 * 1024  # characters of one chat message
 MOVE_TIMEOUT = 10.0
 _FINAL = ("delivered", "expired", "failed")
@@ -89,6 +90,8 @@ class Twin:
         self._attached = trio.Event()
         self._session_scope: trio.CancelScope | None = None
         self._flush_lock = trio.Lock()
+        self._recent_status: dict[bytes, tuple[str, str]] = {}  # newest last, bounded
+        self._has_waiting = True  # until a flush finds the store's waiting list empty
         self._status_in, self._status_out = trio.open_memory_channel[
             tuple[bytes, str, str]](STATUS_QUEUE)
         self.log = structlog.get_logger("twinmesh.twin").bind(twin=self.key.short)
@@ -173,6 +176,7 @@ class Twin:
             while (bus := self.bus) is not None:
                 batch = await trio.to_thread.run_sync(store.waiting, 256)
                 if not batch:
+                    self._has_waiting = False
                     return
                 for row in batch:
                     if not await self._hand_over(bus, row):
@@ -276,6 +280,9 @@ class Twin:
 
     def _on_status(self, message_id: bytes, status: str, code: str) -> None:
         # Called from the bus client's reader: hand over, never block it.
+        self._recent_status[message_id] = (status, code)
+        if len(self._recent_status) > RECENT_STATUSES:
+            del self._recent_status[next(iter(self._recent_status))]
         with contextlib.suppress(trio.WouldBlock):
             self._status_in.send_nowait((message_id, status, code))
 
@@ -382,17 +389,35 @@ class Twin:
         now = time.time()
         envelope, header = self.crypto.seal_message(
             peer, payload, _TEXT_ID, now=now, ttl=ttl)
-        row = ChatRow(header.id, peer.raw, True, text, now, "waiting", "")
         store = self._store()
+        bus = self.bus
+        row = ChatRow(header.id, peer.raw, True, text, now, "queued", "")
+        waiting: WaitingRow | None = None
+        if bus is not None and not self._has_waiting:
+            # The usual case: the NIC stores it durably, then we record it (one commit
+            # here). In order behind any envelopes still waiting, never ahead of them.
+            try:
+                await bus.submit_sealed(envelope, len(payload))
+            except BusError as exc:
+                if exc.code != "offline":
+                    raise ApiError(exc.code, str(exc)) from None
+                waiting = WaitingRow(header.id, envelope, len(payload), header.deadline)
+        else:
+            waiting = WaitingRow(header.id, envelope, len(payload), header.deadline)
+        if waiting is not None:
+            row = ChatRow(header.id, peer.raw, True, text, now, "waiting", "")
         try:
-            await trio.to_thread.run_sync(
-                store.add_chat, row, WaitingRow(header.id, envelope, len(payload),
-                                                header.deadline))
+            await trio.to_thread.run_sync(store.add_chat, row, waiting)
         except StorageError as exc:
+            # Not recorded here; if the NIC took it, it is still delivered.
             raise ApiError("overloaded", str(exc)) from None
-        entry = await self._chat_entry(row)
-        self._emit({"message": entry})
-        if self.bus is not None:
+        if waiting is not None:
+            self._has_waiting = True
+        elif (late := self._recent_status.get(header.id)) is not None:
+            # The NIC's updates can overtake our own record of the message.
+            await self._update_statuses([(header.id, *late)])
+        self._emit({"message": await self._chat_entry(row)})
+        if waiting is not None and self.bus is not None:
             await self.flush_waiting()
         if wait:
             await self._wait_final(header.id, header.deadline + 5.0 - time.time())

@@ -1,9 +1,13 @@
 """What a twin keeps about its user: conversations, contacts, settings, and the
 messages it sealed while no NIC would take them.
 
-One sqlite3 file in the twin's state dir (`twinmesh.storage`: mode 0600, WAL,
-synchronous=FULL, one transaction per call, StorageError naming the file on any
-failure). A chat message the user sends is written here, together with its sealed
+One sqlite3 file in the twin's state dir (`twinmesh.storage`: mode 0600, WAL, one
+transaction per call, StorageError naming the file on any failure). Every commit
+survives a kill -9 of twind; only a commit that records a waiting envelope (the one
+copy of an accepted message) is also made power safe (synchronous=FULL): history,
+statuses and contacts skip that fsync, which is most of the cost of a chat message.
+
+A chat message the user sends while no NIC takes it is written here, with its sealed
 envelope, before twind answers: if the NIC is down the envelope waits in `waiting`
 and is handed over when a NIC is back, so nothing the user sent is lost to a NIC
 restart or a twind crash. Bounded: `max_waiting` envelopes (then `overloaded`) and
@@ -12,6 +16,7 @@ the newest `max_history` chat entries.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -93,7 +98,8 @@ class TwinStore(SqliteStore):
 
     def __init__(self, path: Path, *, max_waiting: int = DEFAULT_MAX_WAITING,
                  max_history: int = DEFAULT_MAX_HISTORY) -> None:
-        super().__init__(path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA))
+        super().__init__(path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA,
+                                             power_safe=False))
         self.max_waiting = max_waiting
         self.max_history = max_history
 
@@ -124,7 +130,7 @@ class TwinStore(SqliteStore):
                 (self.max_history,))
             return True
 
-        return self._write("record a chat message", run)
+        return self._write("record a chat message", run, power_safe=waiting is not None)
 
     def set_status(self, changes: Iterable[tuple[bytes, str, str]]) -> list[bytes]:
         """Apply (id, status, code) changes to outgoing entries; a final status
@@ -230,10 +236,13 @@ class TwinStore(SqliteStore):
 
     # ------------------------------------------------------------- internals
 
-    def _write(self, doing: str, run: Callable[[sqlite3.Connection], T]) -> T:
+    def _write(self, doing: str, run: Callable[[sqlite3.Connection], T], *,
+               power_safe: bool = False) -> T:
         with self._lock:
             conn = self._connection()
             try:
+                if power_safe:
+                    conn.execute("PRAGMA synchronous = FULL")
                 conn.execute("BEGIN IMMEDIATE")
                 result = run(conn)
                 conn.execute("COMMIT")
@@ -243,6 +252,10 @@ class TwinStore(SqliteStore):
             except BaseException:
                 rollback(conn)
                 raise
+            finally:
+                if power_safe:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("PRAGMA synchronous = NORMAL")
             return result
 
     def _read(self, doing: str, run: Callable[[sqlite3.Connection], T]) -> T:

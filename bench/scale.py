@@ -1,0 +1,375 @@
+"""`python -m bench.scale`: many twins on real NICs, each sending at a steady rate.
+
+    python -m bench.scale [--twins 1000] [--nics 20] [--hosts 4] [--rate 1]
+                          [--duration 30] [--push 2,5,10] [--out docs/BENCHMARKS.md]
+
+Deploys `--nics` real pnicd processes in a random connected mesh on loopback (each NIC
+links to the one before it and to one random earlier NIC), then `--hosts` twind
+processes in hosting mode, which between them run `--twins` twins spread round robin
+over the NICs. Deployment time runs from the first pnicd start until every twin is
+attached and every NIC can route to every other.
+
+Load: the driver holds a control connection to every twin and makes each one send a
+chat message to a random other twin `--rate` times a second (random phase) for
+`--duration` seconds, then waits (bounded) for the deliveries. Latency is the time
+from the sender recording a message to the receiver recording it (both in their twin
+stores, one machine, one clock). CPU and RSS per NIC and per twin come from /proc.
+`--push` then repeats shorter runs at higher per-twin rates and reports the highest
+rate that still delivered everything with p99 under 100 ms.
+
+Every loop is bounded in count and time; every process started is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import random
+import sqlite3
+import sys
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import trio
+
+from bench.measure import percentile
+from bench.report import machine
+from twinmesh.control.admin_client import admin_call
+from twinmesh.control.twin_client import TwinClient, connect_twin
+from twinmesh.errors import AdminError, ApiError
+from twinmesh.testing.processes import console_script, run_pnicd, wait_until
+
+BEGIN = "<!-- scale:begin -->"
+END = "<!-- scale:end -->"
+P99_GOAL = 0.100
+SETTLE_LIMIT = 60.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Run:
+    rate: float  # per twin, messages/s
+    duration: float
+    sent: int = 0
+    refused: int = 0
+    delivered: int = 0
+    latencies: list[float] = field(default_factory=list)
+    nic_cpu: float = 0.0  # seconds of CPU per NIC per second of load
+    twin_cpu: float = 0.0  # per twin
+    driver_cpu: float = 0.0
+
+    @property
+    def offered(self) -> float:
+        return self.sent / self.duration if self.duration else 0.0
+
+    def p(self, pct: float) -> float:
+        ordered = sorted(self.latencies)
+        return percentile(ordered, pct) if ordered else float("nan")
+
+    @property
+    def ok(self) -> bool:
+        return self.sent > 0 and self.delivered == self.sent and self.p(99) < P99_GOAL
+
+
+@dataclass
+class Deployment:
+    nics: list[Any]
+    hosts: list[trio.Process]
+    twin_dirs: list[Path]
+    twin_ids: list[str]
+    seconds: float
+
+
+# ------------------------------------------------------------------ deploy
+
+async def deploy(stack: AsyncExitStack, root: Path, nics: int, twins: int, hosts: int,
+                 rng: random.Random) -> Deployment:
+    started = time.perf_counter()
+    nic_procs: list[Any] = []
+    for i in range(nics):
+        peers: list[str] = []
+        if i > 0:
+            peers += ["--peer", nic_procs[i - 1].uri("tcp")]
+        if i > 2:
+            peers += ["--peer", nic_procs[rng.randrange(0, i - 2)].uri("tcp")]
+        nic = await stack.enter_async_context(
+            run_pnicd(root / f"nic-{i:02d}", *peers, health=False))
+        nic_procs.append(nic)
+    keys = {n.key for n in nic_procs}
+
+    async def routed() -> bool:
+        for nic in nic_procs:
+            try:
+                routes = await admin_call(nic.state_dir / "admin.sock", "routes")
+            except AdminError:
+                return False
+            if len({r["destination"] for r in routes} & keys) < len(keys) - 1:
+                return False
+        return True
+
+    await wait_until(routed, 60, interval=0.2, what="every NIC routes to every other")
+    per_host = -(-twins // hosts)
+    host_procs: list[trio.Process] = []
+    twin_dirs: list[Path] = []
+    for h in range(hosts):
+        count = min(per_host, twins - h * per_host)
+        if count <= 0:
+            break
+        # Rotate the NIC list so host h's twins start on different NICs.
+        offset = (h * per_host) % nics
+        order = nic_procs[offset:] + nic_procs[:offset]
+        argv = [*console_script("twind"), "--host", str(count), "--state-root",
+                str(root / f"host-{h}"), "--log-level", "warning"]
+        for nic in order:
+            argv += ["--nic", str(nic.state_dir)]
+        log = open(root / f"host-{h}.log", "ab")  # noqa: SIM115 (the process keeps it)
+        process = await trio.lowlevel.open_process(argv, stdout=log, stderr=log)
+        stack.push_async_callback(_stop, process)
+        host_procs.append(process)
+        twin_dirs += [root / f"host-{h}" / f"twin-{i:04d}" for i in range(count)]
+    ids: list[str] = []
+    for directory in twin_dirs:
+        status = await wait_until(lambda d=directory: _attached(d), 120, interval=0.05,
+                                  what=f"twin in {directory} attached")
+        ids.append(status["twin"])
+    return Deployment(nic_procs, host_procs, twin_dirs, ids, time.perf_counter() - started)
+
+
+async def _attached(directory: Path) -> dict[str, Any] | None:
+    if not (directory / "control.sock").exists():
+        return None
+    try:
+        async with connect_twin(directory) as client:
+            status: dict[str, Any] = await client.call("status")
+    except ApiError:
+        return None
+    return status if status["connected"] else None
+
+
+async def _stop(process: trio.Process) -> None:
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.terminate()
+            with trio.move_on_after(10):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+# -------------------------------------------------------------------- load
+
+async def load(clients: list[TwinClient], ids: list[str], run: Run, rng: random.Random) -> None:
+    interval = 1.0 / run.rate
+    deadline = trio.current_time() + run.duration
+
+    async def sender(i: int, client: TwinClient) -> None:
+        next_at = trio.current_time() + rng.uniform(0, interval)
+        while next_at < deadline:
+            await trio.sleep_until(next_at)
+            target = rng.randrange(len(ids) - 1)
+            target += target >= i  # anyone but itself
+            try:
+                await client.call("send", {"twin": ids[target], "text": f"m{run.sent}"})
+                run.sent += 1
+            except ApiError:
+                run.refused += 1
+            next_at += interval
+
+    async with trio.open_nursery() as nursery:
+        for i, client in enumerate(clients):
+            nursery.start_soon(sender, i, client)
+
+
+def collect(twin_dirs: list[Path], since: float) -> tuple[dict[bytes, float], dict[bytes, float]]:
+    """(sent id -> time, received id -> time) of chat entries after `since`."""
+    sent: dict[bytes, float] = {}
+    received: dict[bytes, float] = {}
+    for directory in twin_dirs:
+        conn = sqlite3.connect(f"file:{directory / 'twin.sqlite3'}?mode=ro", uri=True)
+        try:
+            for message_id, outgoing, at in conn.execute(
+                    "SELECT id, outgoing, at FROM chat WHERE at >= ?", (since,)):
+                (sent if outgoing else received)[bytes(message_id)] = at
+        finally:
+            conn.close()
+    return sent, received
+
+
+async def measure(deployment: Deployment, clients: list[TwinClient], run: Run,
+                  rng: random.Random) -> Run:
+    since = time.time()
+    cpu_before = _cpu(deployment)
+    driver_before = time.process_time()
+    await load(clients, deployment.twin_ids, run, rng)
+    cpu_after = _cpu(deployment)
+    run.driver_cpu = (time.process_time() - driver_before) / run.duration
+    nics = len(deployment.nics)
+    run.nic_cpu = (cpu_after[0] - cpu_before[0]) / run.duration / nics
+    run.twin_cpu = (cpu_after[1] - cpu_before[1]) / run.duration / len(deployment.twin_ids)
+    with trio.move_on_after(SETTLE_LIMIT):
+        while True:
+            sent, received = await trio.to_thread.run_sync(collect, deployment.twin_dirs, since)
+            if len(sent) >= run.sent and all(i in received for i in sent):
+                break
+            await trio.sleep(1.0)
+    sent, received = await trio.to_thread.run_sync(collect, deployment.twin_dirs, since)
+    run.delivered = sum(1 for i in sent if i in received)
+    run.latencies = [received[i] - at for i, at in sent.items() if i in received]
+    return run
+
+
+def _cpu(deployment: Deployment) -> tuple[float, float]:
+    nic = sum(_proc_cpu(n.process.pid) for n in deployment.nics)
+    twin = sum(_proc_cpu(p.pid) for p in deployment.hosts)
+    return nic, twin
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _rss(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+# ------------------------------------------------------------------ report
+
+def markdown(args: argparse.Namespace, deployment: Deployment, base: Run, pushes: list[Run],
+             rss_nic: float, rss_twin: float, elapsed: float) -> str:
+    twins = len(deployment.twin_ids)
+    best = max((r for r in [base, *pushes] if r.ok), key=lambda r: r.offered, default=None)
+    lines = [
+        BEGIN,
+        "## Scale: many twins on one machine",
+        "",
+        f"`python -m bench.scale --twins {args.twins} --nics {args.nics} --hosts {args.hosts}"
+        f" --rate {args.rate:g} --duration {args.duration:g}"
+        + (f" --push {args.push}" if args.push else "") + "` (`make scale`), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {elapsed:.0f} s in all. "
+        f"{args.nics} real pnicd processes in a random connected mesh on loopback; "
+        f"{twins} twins in {len(deployment.hosts)} twind processes (hosting mode), spread "
+        "round robin over the NICs; a driver process holds one control connection per twin "
+        "and makes every twin send chat messages to random other twins at a steady rate "
+        "(random phase). Latency: sender's twin store record → receiver's twin store "
+        "record (same clock). CPU from /proc (user+system) over the load window; the "
+        "driver's own CPU is on the same 2 cores. Machine: "
+        + ", ".join(f"{k} {v}" for k, v in machine() if k in ("cpu", "cores", "memory"))
+        + ".",
+        "",
+        "| figure | value | goal | verdict |",
+        "|---|---|---|---|",
+        f"| deployment ({args.nics} NICs + {twins} twins) | {deployment.seconds:.1f} s "
+        f"| ≤ 60 s | {'met' if deployment.seconds <= 60 else 'missed'} |",
+        f"| delivered / sent at {base.rate:g} msg/s per twin ({base.offered:.0f} msgs/s) "
+        f"| {base.delivered} / {base.sent} ({_pct(base)}) | 100 % "
+        f"| {'met' if base.sent and base.delivered == base.sent else 'missed'} |",
+        f"| latency p50 / p99 | {base.p(50) * 1000:.1f} / {base.p(99) * 1000:.1f} ms "
+        f"| p99 < 100 ms | {'met' if base.p(99) < P99_GOAL else 'missed'} |",
+        f"| CPU per NIC / per twin | {base.nic_cpu * 100:.1f} % / {base.twin_cpu * 100:.2f} % "
+        "of a core | | |",
+        f"| RSS per NIC / per twin | {rss_nic / 2**20:.0f} MiB / {rss_twin / 2**20:.2f} MiB "
+        "| | |",
+        f"| highest sustained rate (all delivered, p99 < 100 ms) | "
+        f"{best.offered:.0f} msgs/s" if best else "| highest sustained rate | none met",
+    ]
+    lines[-1] += " | ≥ 10 000 msgs/s (seed: 5 000) | " + (
+        "met" if best and best.offered >= 10_000 else "missed") + " |"
+    lines += ["", "| msg/s per twin | offered msgs/s | delivered | p50 | p99 | NIC CPU | "
+              "twin CPU | driver CPU |", "|---|---|---|---|---|---|---|---|"]
+    for r in [base, *pushes]:
+        lines.append(
+            f"| {r.rate:g} | {r.offered:.0f} | {_pct(r)} | {r.p(50) * 1000:.1f} ms "
+            f"| {r.p(99) * 1000:.1f} ms | {r.nic_cpu * 100:.1f} % | {r.twin_cpu * 100:.2f} % "
+            f"| {r.driver_cpu * 100:.0f} % |")
+    lines += ["", END]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(run: Run) -> str:
+    return f"{100 * run.delivered / run.sent:.2f} %" if run.sent else "n/a"
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
+# -------------------------------------------------------------------- main
+
+async def main_async(args: argparse.Namespace) -> str:
+    rng = random.Random(args.seed)
+    started = time.perf_counter()
+    with TemporaryDirectory(prefix="twinmesh-scale-") as tmp:
+        async with AsyncExitStack() as stack:
+            print(f"scale: deploying {args.nics} NICs and {args.twins} twins …",
+                  file=sys.stderr, flush=True)
+            deployment = await deploy(stack, Path(tmp), args.nics, args.twins, args.hosts, rng)
+            print(f"scale: deployed in {deployment.seconds:.1f} s", file=sys.stderr, flush=True)
+            clients = [await stack.enter_async_context(connect_twin(d))
+                       for d in deployment.twin_dirs]
+            # Location records flood in well under a second; give them a moment.
+            await trio.sleep(2.0)
+            runs = []
+            for rate, duration in itertools.chain(
+                    [(args.rate, args.duration)],
+                    [(float(r), min(args.duration, 10.0)) for r in
+                     (args.push.split(",") if args.push else [])]):
+                print(f"scale: {rate:g} msg/s per twin for {duration:g} s …",
+                      file=sys.stderr, end="", flush=True)
+                run = await measure(deployment, clients, Run(rate, duration), rng)
+                print(f" {run.offered:.0f} msgs/s offered, {_pct(run)} delivered, "
+                      f"p99 {run.p(99) * 1000:.1f} ms", file=sys.stderr, flush=True)
+                runs.append(run)
+                if not run.ok:
+                    break  # past the knee: higher rates only queue up more
+            rss_nic = sum(_rss(n.process.pid) for n in deployment.nics) / len(deployment.nics)
+            rss_twin = sum(_rss(p.pid) for p in deployment.hosts) / len(deployment.twin_ids)
+            return markdown(args, deployment, runs[0], runs[1:], rss_nic, rss_twin,
+                            time.perf_counter() - started)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale",
+                                     description="many twins on real NICs")
+    parser.add_argument("--twins", type=int, default=1000)
+    parser.add_argument("--nics", type=int, default=20)
+    parser.add_argument("--hosts", type=int, default=4, help="twind processes")
+    parser.add_argument("--rate", type=float, default=1.0, help="messages/s per twin")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    parser.add_argument("--push", default="", help="higher per-twin rates to try, e.g. 2,5,10")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="write the section into this markdown file")
+    args = parser.parse_args(argv)
+    if not (2 <= args.twins <= 5000 and 1 <= args.nics <= 100 and 1 <= args.hosts <= 32):
+        parser.error("twins 2-5000, nics 1-100, hosts 1-32")
+    if not (0 < args.rate <= 100 and 1 <= args.duration <= 600):
+        parser.error("rate 0-100 msg/s per twin, duration 1-600 s")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    section = trio.run(main_async, args)
+    print(section)
+    if args.out is not None:
+        write_section(args.out, section)
+        print(f"scale: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
