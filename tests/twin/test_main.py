@@ -11,6 +11,7 @@ from twinmesh.errors import ApiError
 from twinmesh.testing.processes import (
     console_script,
     free_port,
+    http_get,
     run_command,
     run_pnicd,
     run_twind,
@@ -92,3 +93,20 @@ async def test_twind_stops_cleanly_on_sigterm_and_keeps_its_identity(tmp_path):
                 assert again.key == key
             assert ((tmp_path / "t" / "twin.key").stat().st_mode & 0o777) == 0o600
             assert ((tmp_path / "t").stat().st_mode & 0o777) == 0o700
+
+
+async def test_twind_serves_its_page_on_loopback_behind_a_token(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        async with (run_pnicd(tmp_path / "n") as nic,
+                    run_twind(tmp_path / "t", nic.state_dir,
+                              args=["--http", "127.0.0.1:0"]) as twin):
+            url_file = tmp_path / "t" / "web.url"
+            url = await wait_until(lambda: url_file.exists() and url_file.read_text().strip(),
+                                   10, what="web.url written")
+            assert (url_file.stat().st_mode & 0o777) == 0o600
+            assert url.startswith("http://127.0.0.1:") and "?token=" in url
+            status, body = await http_get(url)
+            assert status == 200 and "app.js" in body
+            status, _ = await http_get(url.split("?")[0])  # no token
+            assert status == 403
+            assert twin.key in twin.stderr_text()  # "open URL" line names the twin

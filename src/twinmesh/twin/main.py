@@ -39,7 +39,6 @@ from twinmesh.twin.control import serve_control
 from twinmesh.twin.service import (
     CONTROL_SOCKET,
     KEY_FILE,
-    WEB_URL_FILE,
     Twin,
     default_twin_dir,
 )
@@ -74,18 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.http or args.state_dir:
             parser.error("--host runs without --http and --state-dir (one dir per twin)")
     return args
-
-
-def parse_http(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        number = int(port)
-    except ValueError:
-        raise ConfigError(f"--http {text!r}: expected HOST:PORT") from None
-    if not 0 <= number <= 65535:
-        raise ConfigError(f"--http {text!r}: port out of range")
-    return host, number
 
 
 async def serve_twin(state_dir: Path, nics: list[Path], *, http: str | None = None,
@@ -133,14 +120,11 @@ async def _start_twin(nursery: trio.Nursery, state_dir: Path, nics: list[Path]) 
 async def _start_web(nursery: trio.Nursery, twin: Twin, http: str) -> str:
     from twinmesh.twin import web  # the page's modules load only when it is served
 
-    host, port = parse_http(http)
+    host, port = web.parse_http_address(http)
     token = web.load_or_create_token(twin.state_dir)
     bound_host, bound_port = await nursery.start(web.serve_web, twin, host, port, token)
     url: str = web.page_url(bound_host, bound_port, token)
-    path = twin.state_dir / WEB_URL_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(url + "\n")
+    web.write_page_url(twin.state_dir, url)
     return url
 
 
