@@ -12,7 +12,7 @@ BENCH_PEERS ?= rns==1.5.7 libp2p==0.8.1
 BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell echo '$(BENCH_PEERS)' | cat - pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test run bench bench-quick bench-env sim sim-quick lint clean
+.PHONY: venv test run lab-down bench bench-quick bench-env sim sim-quick lint clean
 
 venv: $(STAMP)
 
@@ -26,9 +26,14 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# A small local mesh: three pnicd processes in a line (TCP and websocket links).
+# The lab in labs/line3.toml: three NICs in a line (TCP and websocket links), a twin on
+# each; prints the twins' ids and the first one's browser URL; Ctrl-C stops it all.
 run: $(STAMP)
-	$(BIN)/python -m twinmesh.nic.localmesh --dir $(RUN_DIR) --nics 3
+	$(BIN)/twinctl lab up labs/line3.toml --foreground --dir $(RUN_DIR)/lab/line3
+
+# Stop a lab started in the background (`twinctl lab up FILE`), or left behind.
+lab-down: $(STAMP)
+	$(BIN)/twinctl lab down $(if $(LAB),--dir $(LAB))
 
 # Without the benchmark venv (e.g. no package index) the peers' rows say
 # "not measured" and everything else still runs.
