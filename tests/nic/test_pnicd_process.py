@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -441,3 +442,14 @@ async def test_a_toml_config_file_is_read_and_flags_override_it(tmp_path: Path) 
         assert [u.split(":")[0] for u in info["listen"]] == ["tcp"]
         assert "pnicd ready" in b.stderr_text()
         assert not b.stderr_text().lstrip().startswith("{")
+
+
+async def test_a_busy_listen_address_is_one_line_and_exit_2(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = await run_pnicd_to_exit(tmp_path / "n", "--listen", f"tcp://127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert result.stderr_lines == [
+        f"pnicd: cannot listen on tcp://127.0.0.1:{port}: Address already in use"]

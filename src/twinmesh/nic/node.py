@@ -111,7 +111,12 @@ class Nic:
             for uri in self.config.listen:
                 carrier = self._carrier(uri)
                 handler = functools.partial(self._accept, uri.scheme)
-                bound = await nursery.start(carrier.serve, uri, handler)
+                try:
+                    bound = await nursery.start(carrier.serve, uri, handler)
+                except OSError as exc:
+                    # A busy or unavailable address is a setup mistake: one line, exit 2.
+                    raise ConfigError(f"cannot listen on {uri}: "
+                                      f"{exc.strerror or exc}") from None
                 self.listening.append(bound)
                 self.log.info("listening", uri=str(bound))
             for uri in self.config.peers:

@@ -170,8 +170,17 @@ def main(argv: list[str] | None = None) -> int:
 def _sole_user_error(group: BaseExceptionGroup) -> BaseException:
     matched, rest = group.split((ConfigError, KeyFileError, StorageError))
     if matched is not None and rest is None:
-        return matched.exceptions[0] if len(matched.exceptions) == 1 else group
+        leaves = _leaves(matched)
+        return leaves[0] if len(leaves) == 1 else group
     return group
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    # Nurseries inside nurseries nest their groups; the user error is a leaf.
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 def _lock(state_dir: Path) -> int:
