@@ -16,7 +16,7 @@ from types import ModuleType
 
 import trio
 
-from bench import bus, daemon, floor, handshake, link, peers, repair, report
+from bench import bus, daemon, floor, handshake, link, lookup, peers, repair, report
 from bench.measure import Context, Progress
 from twinmesh.log import configure_logging
 
@@ -29,6 +29,7 @@ GROUPS: dict[str, ModuleType] = {
     "repair": repair,
     "peers": peers,  # Reticulum and py-libp2p, from the benchmark venv
     "bus": bus,  # after the peers: its ratios divide by their figures
+    "lookup": lookup,
 }
 
 

@@ -28,6 +28,7 @@ from twinmesh.log import configure_logging
 from twinmesh.nic.admin.server import AdminServer
 from twinmesh.nic.config import KEY_FILE, NicConfig, load_config
 from twinmesh.nic.health import serve_health
+from twinmesh.nic.lookup import TwinLookup
 from twinmesh.nic.node import Nic
 from twinmesh.nic.twins import TwinPort
 
@@ -86,6 +87,8 @@ async def serve(config: NicConfig) -> None:
             twins = TwinPort(nic, config.state_dir, locate=nic.overlay.locate,
                              publish=nic.overlay.publish_location)
             nic.overlay.on_packet = twins.on_packet
+            # Twin lookups (the DHT) before the port serves: twins publish on attach.
+            await nursery.start(TwinLookup(nic, twins).run)
             await nursery.start(twins.serve)
             admin = AdminServer(nic, config.admin_socket, health_url)
             await nursery.start(admin.serve)
@@ -133,8 +136,17 @@ def _sole_user_error(group: BaseExceptionGroup) -> BaseException:
     # socket, a non-loopback health address) arrives wrapped in an exception group.
     matched, rest = group.split((ConfigError, KeyFileError))
     if matched is not None and rest is None:
-        return matched.exceptions[0] if len(matched.exceptions) == 1 else group
+        leaves = _leaves(matched)
+        return leaves[0] if len(leaves) == 1 else group
     return group
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    # Nurseries inside nurseries nest their groups; the user error is a leaf.
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 def _lock_state_dir(state_dir: Path) -> int:

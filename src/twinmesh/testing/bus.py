@@ -12,6 +12,9 @@ they would to a real `pnicd`. Pass your own `MemoryNetwork` to turn its knobs
 named like the NICs; the link and reconnect timers are short (`testing.nics`), so a
 dead link is noticed within about two seconds and redialled within four.
 
+Each NIC runs twin lookups as pnicd does (`nic.lookup.TwinLookup`, the DHT core at
+`line[name].lookup.core`), so `BusClient.find` works across the line.
+
 `BusNic.intercept(rewrite)` puts a function between the overlay and the twin port:
 each bus frame arriving at that NIC goes through `rewrite(source_nic, frame)`, and
 the frames it returns are handed on (none: dropped, two: duplicated, altered:
@@ -32,6 +35,7 @@ import trio
 from twinmesh.carriers.uri import PeerUri
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.config import NicConfig
+from twinmesh.nic.lookup import TwinLookup
 from twinmesh.nic.node import Nic
 from twinmesh.nic.twins import TwinPort
 from twinmesh.proto.outbox import OutboxConfig
@@ -49,6 +53,7 @@ class BusNic:
     nic: Nic
     port: TwinPort
     state_dir: Path  # where its twins.sock and outbox live
+    lookup: TwinLookup  # twin lookups: the DHT core is `lookup.core`
 
     @property
     def key(self) -> PublicKey:
@@ -100,8 +105,10 @@ async def bus_line(
             port = TwinPort(nic, state, locate=nic.overlay.locate,
                             publish=nic.overlay.publish_location, config=outbox)
             nic.overlay.on_packet = port.on_packet
+            lookup = TwinLookup(nic, port)
+            await nursery.start(lookup.run)
             await nursery.start(port.serve)
-            started[name] = BusNic(name, nic, port, state)
+            started[name] = BusNic(name, nic, port, state, lookup)
         for left, right in itertools.pairwise(names):
             started[right].nic.add_peer(PeerUri("memory", left, 0, key=started[left].key))
         await wait_for(lambda: all(len(node.nic.overlay.routes()) >= len(names)

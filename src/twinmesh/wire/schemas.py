@@ -38,6 +38,7 @@ route: Any = _load("route.capnp")
 local: Any = _load("local.capnp")
 rmb: Any = _load("rmb.capnp")
 api: Any = _load("api.capnp")
+dht: Any = _load("dht.capnp")
 
 # Readers refuse messages that would make them walk more than this many words or this
 # deep, so a hostile frame cannot cost more than its own size to look at.
