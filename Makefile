@@ -12,7 +12,7 @@ BENCH_PEERS ?= rns==1.5.7 libp2p==0.8.1
 BENCH_STAMP := $(BENCH_VENV)/.installed-$(shell echo '$(BENCH_PEERS)' | cat - pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv test run lab-down bench bench-quick bench-env sim sim-quick lint clean
+.PHONY: venv test run lab-down bench bench-quick bench-env scale scale-quick sim sim-quick lint clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,16 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(MAKE) bench-env || echo "bench: no benchmark venv; the peers will be 'not measured'" >&2
 	BENCH_VENV=$(BENCH_VENV) $(BIN)/python -m bench --quick
+
+# 1000 twins (4 twind processes in hosting mode) over 20 real pnicd processes, each twin
+# sending 1 msg/s for 30 s, then higher rates until delivery or p99 < 100 ms breaks.
+# Takes 3-6 minutes; the section lands in docs/BENCHMARKS.md between scale markers.
+scale: $(STAMP)
+	$(BIN)/python -m bench.scale --twins 1000 --nics 20 --hosts 4 --rate 1 --duration 30 \
+		--push 2,4,8 --out docs/BENCHMARKS.md
+
+scale-quick: $(STAMP)
+	$(BIN)/python -m bench.scale --twins 200 --nics 10 --hosts 2 --rate 1 --duration 10
 
 bench-env: $(BENCH_STAMP)
 

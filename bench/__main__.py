@@ -16,7 +16,7 @@ from types import ModuleType
 
 import trio
 
-from bench import bus, daemon, floor, handshake, link, lookup, peers, repair, report
+from bench import bus, daemon, floor, handshake, link, lookup, peers, repair, report, scale
 from bench.measure import Context, Progress
 from twinmesh.log import configure_logging
 
@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         text = report.markdown(sections, machine, command=command, quick=args.quick,
                                elapsed=elapsed)
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        # `make scale` writes its own section into the same file: carry it over.
+        old = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
+        if scale.BEGIN in old and scale.END in old:
+            kept = old[old.index(scale.BEGIN):old.index(scale.END) + len(scale.END)]
+            text = text.rstrip("\n") + "\n\n" + kept + "\n"
         args.out.write_text(text, encoding="utf-8")
         print(f"\nbench: wrote {args.out}", file=sys.stderr)
     return 0
