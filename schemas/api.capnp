@@ -21,7 +21,7 @@ struct SendRequest {
 
 struct InboxRequest {
   peer @0 :Text;             # only the conversation with this twin ("" = all)
-  limit @1 :UInt32 = 50;     # newest first, at most this many
+  limit @1 :UInt32 = 50;     # the newest this many, oldest first
 }
 
 struct ContactRequest {

@@ -52,3 +52,11 @@ async def test_answers_mirror_the_response_struct(tmp_path):
         assert refused["error"]["code"] == "malformed"
         inbox = await api.handle(bob, '{"id": 3, "inbox": {}}')
         assert [m["text"] for m in inbox["inbox"]] == ["hi", "hi"]
+
+
+async def test_settings_change_only_the_fields_named(tmp_path):
+    async with twin_mesh(tmp_path, nics=1) as mesh:
+        twin = mesh.twins[0]
+        await api.handle(twin, '{"id": 1, "setSettings": {"contactsOnly": true}}')
+        answer = await api.handle(twin, '{"id": 2, "setSettings": {"name": "Alice"}}')
+        assert answer["settings"] == {"contactsOnly": True, "name": "Alice"}

@@ -45,7 +45,10 @@ def parse_request(raw: str | bytes) -> tuple[int, str, Any]:
     if which not in obj:
         raise ApiError("malformed", "a request names one operation (e.g. \"status\": null)")
     value = getattr(message, which)
-    if hasattr(value, "to_dict"):
+    if which == "setSettings" and isinstance(obj[which], dict):
+        # Settings change only what the caller named (schema defaults are not a wish).
+        value = {k: v for k, v in value.to_dict().items() if k in obj[which]}
+    elif hasattr(value, "to_dict"):
         value = value.to_dict()
     elif which in ("identity", "status", "contacts", "getSettings", "subscribe"):
         value = None

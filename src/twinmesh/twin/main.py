@@ -39,6 +39,7 @@ from twinmesh.twin.control import serve_control
 from twinmesh.twin.service import (
     CONTROL_SOCKET,
     KEY_FILE,
+    WEB_URL_FILE,
     Twin,
     default_twin_dir,
 )
@@ -85,6 +86,8 @@ async def serve_twin(state_dir: Path, nics: list[Path], *, http: str | None = No
             if name is not None:
                 await twin.set_settings(name=name)
             url = ""
+            stale = state_dir / WEB_URL_FILE
+            stale.unlink(missing_ok=True)  # a page of an earlier run is not served now
             if http is not None:
                 url = await _start_web(nursery, twin, http)
             log.info("twind ready", twin=twin.key.text, state_dir=str(state_dir),

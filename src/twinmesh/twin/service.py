@@ -350,7 +350,7 @@ class Twin:
         try:
             reply = await bus.request(peer, message, ttl=max(1.0, timeout), timeout=timeout)
         except BusError as exc:
-            raise ApiError(exc.code, str(exc)) from None
+            raise ApiError(exc.code, _reason(exc)) from None
         fields = reply.decode(_rmb.Ping)
         if int(fields["sequence"]) != sequence:
             raise ApiError("malformed", "the pong names another sequence number")
@@ -363,7 +363,7 @@ class Twin:
         try:
             found = await bus.find(peer)
         except BusError as exc:
-            raise ApiError(exc.code, str(exc)) from None
+            raise ApiError(exc.code, _reason(exc)) from None
         location = found.location
         return {"twin": location.twin.text, "nic": location.nic.text,
                 "name": getattr(location, "name", "") or "",
@@ -400,7 +400,7 @@ class Twin:
                 await bus.submit_sealed(envelope, len(payload))
             except BusError as exc:
                 if exc.code != "offline":
-                    raise ApiError(exc.code, str(exc)) from None
+                    raise ApiError(exc.code, _reason(exc)) from None
                 waiting = WaitingRow(header.id, envelope, len(payload), header.deadline)
         else:
             waiting = WaitingRow(header.id, envelope, len(payload), header.deadline)
@@ -556,7 +556,7 @@ class Twin:
         try:
             await bus.send(peer, message, ttl=600.0)
         except BusError as exc:
-            raise ApiError(exc.code, str(exc)) from None
+            raise ApiError(exc.code, _reason(exc)) from None
 
     async def _contacts_only_setting(self) -> bool:
         value = await trio.to_thread.run_sync(self._store().setting, "contacts_only", "0")
@@ -589,6 +589,11 @@ class Twin:
         if bus is None:
             raise ApiError("offline", "the twin is not attached to a NIC right now")
         return bus
+
+
+def _reason(exc: BusError) -> str:
+    text = str(exc)
+    return text.removeprefix(f"{exc.code}: ")
 
 
 def parse_twin(text: str) -> PublicKey:
