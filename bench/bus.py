@@ -50,6 +50,7 @@ RUN_TIMEOUT = 60.0  # one throughput run
 STATUS_TIMEOUT = 30.0  # one message's wait for `delivered`
 LATENCY_BOUND = 30.0  # all single-message round trips of one topology
 STOP_TIMEOUT = 5.0
+DRAIN_TIMEOUT = 2.0  # B's application catching up after the last `delivered`
 POLL = 0.01
 PROFILE_ENV = "BENCH_PROFILE"
 # (key, number of NICs, shown)
@@ -180,11 +181,20 @@ class Receiver:
     def __init__(self, bus: BusClient) -> None:
         self.bus = bus
         self.count = 0
+        self._until: tuple[int, trio.Event] | None = None
 
     async def run(self) -> None:
         while True:
             await self.bus.receive()
             self.count += 1
+            if self._until is not None and self.count >= self._until[0]:
+                self._until[1].set()
+
+    async def wait_count(self, count: int) -> None:
+        """Until the application has taken `count` messages in all."""
+        if self.count < count:
+            self._until = (count, trio.Event())
+            await self._until[1].wait()
 
 
 @dataclass
@@ -351,6 +361,9 @@ async def _throughput(
         meter = CpuMeter(daemons)
         result = await pipelined(sender, destination, payload, n, window, RUN_TIMEOUT)
         used = meter.used()
+        # The last acks leave B before its application task has taken those messages.
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            await receiver.wait_count(before + result.delivered)
         got = receiver.count - before
         if result.delivered < n:
             notes.append(f"a run ended after {result.elapsed:.1f} s with {result.delivered}/{n} "
@@ -551,33 +564,38 @@ record has reached n1).{setup}
   Reticulum's `Channel` is acked end to end like the bus (but not durable); libp2p's
   stream is not acked per message at all (see *Peer systems*).
 {reading(ctx)}
-Hot spots, from profiling every process with cProfile (`BENCH_PROFILE=DIR python -m
-bench --only bus` writes `DIR/*/n*.prof`, `DIR/twins.prof` and `DIR/summary.txt`):
+How the CPU per message was cut (issue 4; profiles of every process with cProfile,
+`BENCH_PROFILE=DIR python -m bench --only bus` writes `DIR/*/n*.prof`,
+`DIR/twins.prof` and `DIR/summary.txt`): before, 2 NICs, 100 B took 769 µs of CPU
+per message in all (twins 295, n1 303, n2 170) and 1.9 k msgs/s; 64 KiB 2700 µs.
 
-- Each message crosses four processes, and every hop is a socket write that wakes
-  another process (twin → n1 submit; n1 → n2 link; n2 → B delivery; B → n2 ack; n2 →
-  n1 link; n1 → A status updates and the ack itself) plus two commits on n1's
-  writer thread. Those writes and wake-ups, and trio's scheduling around them, are
-  the largest single cost; the crypto (XChaCha20-Poly1305 per envelope, ChaCha20 per
-  link frame) is a small part for 100 B.
-- The sender twin receives every ack envelope and opens it (AEAD + Cap'n Proto)
-  although n1 has already sent `delivered`; and every ack a receiver submits is
-  answered with a `result` frame nobody reads (request id 0).
-- Each NIC parses the envelope header (`read_header`: Cap'n Proto read + checks)
-  of every message and every ack.
-- `Outbox.handle_timer` sweeps every finished status (held 600 s) on each timer wake:
-  O(finished messages) per wake, so n1's CPU per message creeps up over a long run.
-- 64 KiB: n1 writes each 64 KiB envelope to sqlite (WAL, `synchronous=FULL`) before
-  it answers the twin, and the payload is copied at every layer.
+- Everything that piles up while a task sleeps goes out together, so wake-ups,
+  system calls and Cap'n Proto frames are shared by many messages: a twin's
+  submissions go out as one `submits` frame from one writer task (no lock hand-off
+  between sender tasks); the NIC answers with `results`, `statusUpdates` and
+  `deliveries` list frames; the envelopes queued for one NIC travel as one overlay
+  packet (`NicBus.envelopes`, one link frame and one AEAD for all of them).
+- One ack envelope answers every message of a `deliveries` frame from one source
+  (`Envelope.moreAcks`), and acks get no `result` (request id 0).
+- The source NIC no longer hands the ack to the sending twin (its `delivered` status
+  update says it), and "accepted" carries the first "sent" (one item, not two).
+- Envelopes and sealed bodies are written and read as flat Cap'n Proto messages by a
+  few lines of `struct` (`bus.crypto`): pycapnp costs about 1 µs per field, and each
+  NIC reads two headers per message; anything not flat still goes through pycapnp,
+  and a property test checks both read the same.
+- The outbox's sqlite file no longer zeroes freed pages (`secure_delete = FAST`):
+  each acked 64 KiB envelope was written twice more. The first retry follows the ack
+  delays (srtt + 4 rttvar, Karn), so a busy NIC does not resend what is only queued.
+- Smaller batches (at most 64 items per frame, so that the next process starts
+  earlier) were tried and cost more CPU per message in every process than they
+  gained in overlap.
 
-Fixed while writing this benchmark (`nic/twins.py`, `bus/client.py`): a twin's
-submissions no longer wait for one another's commit (the NIC read the next request
-only after the previous one was committed: one fsync per message); the NIC writes all
-frames queued for a twin in one send, and so does the client for frames queued by its
-tasks; `wait_status` wakes only the waiters of the message whose status changed (not
-every waiter on every change) and asks the NIC only about ids it has not heard of; the
-in-memory dedup forgets expired ids from a heap instead of scanning them all per
-message.
+What is left: the processes still move a window of messages as one convoy (each
+waits for the one before), so the rate is about the inverse of the CPU per message
+of all processes together, not of the busiest one. The rest is spread thin: trio's
+scheduling of the 256 sender tasks and their status waits, pycapnp list items
+(results, status updates), the outbox core's bookkeeping, hashing of keys, and for
+64 KiB the copies at every layer and the sqlite write of each envelope.
 """
 
 

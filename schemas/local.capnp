@@ -21,6 +21,8 @@ struct Attach {
   twinKey @0 :Data;
   signature @1 :Data;        # ed25519(twinKey) over "twinmesh/local/v1/attach" || nicKey || nonce || twinKey
   receive @2 :Bool;          # deliver incoming envelopes to this session
+  batches @3 :Bool;          # this twin reads the list members (results, statusUpdates,
+                             # deliveries): the NIC may answer many items in one frame
 }
 
 struct Attached {
@@ -36,6 +38,8 @@ struct Submit {
   reliable @1 :Bool;         # true: outbox, retries, status; false: one best-effort send (acks)
   failFast @2 :Bool;         # refuse with noRoute/offline instead of queueing
   payloadSize @3 :UInt32;    # the sealed payload's plaintext size, for the size limit
+  requestId @4 :UInt32;      # in a `submits` list: this item's id (0: no answer wanted,
+                             # only for reliable=false); a single submit uses the frame's
 }
 
 struct StatusQuery {
@@ -72,6 +76,11 @@ struct LocalMessage {
     find @11 :Data;          # twin -> NIC: findDigitalTwinById, the twin key to look up
     found @12 :FindResult;   # NIC -> twin: the answer to a find (its requestId); when
                              # nothing is found the NIC answers a Result (ok=false, unknownTwin)
+    # Batches: many items per frame, one frame per wake-up instead of one per message.
+    submits @13 :List(Submit);           # twin -> NIC, each with its own requestId
+    results @14 :List(Result);           # NIC -> twin (only to sessions attached with batches)
+    statusUpdates @15 :List(StatusUpdate); # NIC -> twin (idem)
+    deliveries @16 :List(Data);          # NIC -> twin: rmb.Envelopes, in order (idem)
   }
 }
 
@@ -89,6 +98,7 @@ struct NicBus {
     envelope @0 :Data;       # deliver to the destination twin of this rmb.Envelope
     notice @1 :Notice;       # the destination NIC about an envelope it could not hand over
     dht @2 :Data;            # a DHT message between NICs (schemas/dht.capnp), for twin lookups
+    envelopes @3 :List(Data);  # several `envelope`s in one overlay packet, in order
   }
 }
 

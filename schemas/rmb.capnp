@@ -23,6 +23,13 @@ struct Envelope {
   ephemeral @10 :Data;       # the sender's epoch X25519 public key
   nonce @11 :Data;           # 24 bytes, XChaCha20-Poly1305
   sealed @12 :Data;          # AEAD(SealedBody), associated data = the clear header
+  moreAcks @13 :List(Acked); # an ack for several messages of one source: the others
+                             # (replyTo/ackToken name the first); covered by the AEAD
+}
+
+struct Acked {
+  id @0 :Data;               # a message id
+  token @1 :Data;            # its delivery token
 }
 
 struct SealedBody {

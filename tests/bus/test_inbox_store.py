@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from twinmesh.bus.inbox_store import InboxMessage, InboxStore
+from twinmesh.bus.inbox_store import InboxMessage, InboxStore, IncomingMessage
 from twinmesh.errors import StorageError
 from twinmesh.nic.outbox_store import OutboxStore
 
@@ -41,6 +41,21 @@ def path(tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------ accept and dedup
+
+
+def test_accept_many_records_a_burst_in_one_go_with_the_same_answers(path: Path) -> None:
+    def incoming(n: int, deadline: float = NOW + TTL) -> IncomingMessage:
+        return IncomingMessage(mid(n), ALICE, deadline, SCHEMA, bytes([n]) * 5)
+
+    with InboxStore(path, max_pending=4) as store:
+        assert accept(store, 1)
+        burst = [incoming(1), incoming(2), incoming(2), incoming(3, NOW - 1), incoming(4),
+                 incoming(5), incoming(6)]
+        # duplicate, new, duplicate within the burst, expired, new, new, inbox full
+        assert store.accept_many(burst, NOW) == [False, True, False, False, True, True, None]
+        assert [m.id for m in store.pending()] == [mid(n) for n in (1, 2, 4, 5)]
+        assert store.pending_count() == 4
+        assert not store.remembers(mid(6))  # refused, so it may come again
 
 
 def test_accept_records_every_field(path: Path) -> None:

@@ -236,9 +236,7 @@ async def test_kill_9_of_the_source_nic_loses_and_duplicates_nothing(
                     await trio.sleep(1.0)  # retries still in the air would land now
     assert set(bob.received) == set(ids), len(set(ids) - set(bob.received))
     assert not bob.duplicates(), bob.duplicates()
-    for message_id, status in statuses.items():
-        # Acked and forgotten before the kill: the restarted NIC no longer knows it.
-        expected = {("delivered", "")} if message_id in stored else {
-            ("delivered", ""), ("unknown", "")}
-        assert status in expected, (message_id.hex(), status)
+    # Acked before the kill or after the restart: the restarted NIC knows each
+    # finished status (it keeps them in the outbox file), none is "unknown".
+    assert set(statuses.values()) == {("delivered", "")}, statuses
     assert bob.attachments >= 2

@@ -62,6 +62,19 @@ def bus_frame(envelope: bytes) -> bytes:
     return bytes(frame.to_bytes())
 
 
+def unbatched(frame: bytes) -> list[bytes]:
+    """A bus frame carrying several envelopes as one frame per envelope (others as
+    they are)."""
+    try:
+        envelopes = schemas.decode(
+            schemas.local.NicBus, frame,
+            lambda r: [bytes(e) for e in r.envelopes] if str(r.which()) == "envelopes"
+            else None)
+    except DecodeError:
+        return [frame]
+    return [frame] if envelopes is None else [bus_frame(e) for e in envelopes]
+
+
 def envelope_in(frame: bytes) -> tuple[bytes, Header] | None:
     """The envelope in a bus frame and its header; None for notices and garbage."""
     try:
@@ -99,6 +112,11 @@ class Tap:
         self.changed = trio.Event()
 
     def __call__(self, source: PublicKey, frame: bytes) -> Iterable[bytes]:
+        # A NIC packs the envelopes queued for one NIC into one frame: the tap looks
+        # at (and rewrites) each of them as a frame of its own.
+        return [out for single in unbatched(frame) for out in self.one(single)]
+
+    def one(self, frame: bytes) -> Iterable[bytes]:
         found = envelope_in(frame)
         if found is None:
             return [frame]
@@ -107,7 +125,8 @@ class Tap:
             self.messages[header.id] = frame
             self.copies[header.id] += 1
         elif header.kind == "ack":
-            self.acks[header.reply_to].append(time.time())
+            for message_id, _token in header.acked():  # one ack may answer several
+                self.acks[message_id].append(time.time())
         self.changed.set()
         self.changed = trio.Event()
         if self.rewrite is None:

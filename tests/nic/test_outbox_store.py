@@ -56,6 +56,32 @@ def test_round_trip_keeps_every_field(path: Path) -> None:
         assert store.count() == 2
 
 
+def test_a_finished_status_is_kept_without_its_envelope_until_pruned(path: Path) -> None:
+    done, failed, live = entry(1), entry(2), entry(3)
+    with OutboxStore(path, max_finished=10) as store:
+        store.apply([Persist(done), Persist(failed), Persist(live)])
+        store.apply([Forget(done.id, Status.DELIVERED, "", 500.0),
+                     Forget(failed.id, Status.FAILED, "unknownTwin", 900.0)])
+    with OutboxStore(path, max_finished=10) as store:  # as after a restart
+        rows = {e.id: e for e in store.load()}
+        assert rows[done.id].status is Status.DELIVERED and rows[done.id].envelope == b""
+        assert rows[done.id].next_try == 500.0
+        assert (rows[failed.id].status, rows[failed.id].code) == (Status.FAILED, "unknownTwin")
+        assert rows[live.id] == live
+        store.apply([Persist(entry(4))], now=600.0)  # prunes what is past its hold
+        assert {e.id for e in store.load()} == {failed.id, live.id, entry(4).id}
+
+
+def test_finished_statuses_on_disk_are_bounded_in_number(path: Path) -> None:
+    with OutboxStore(path, max_finished=3) as store:
+        for n in range(8):
+            store.apply([Persist(entry(n))])
+            store.apply([Forget(entry(n).id, Status.DELIVERED, "", 1e12)])
+        store.apply([Persist(entry(99))], now=1.0)
+        kept = [e.id for e in store.load()]
+        assert kept == [entry(n).id for n in (5, 6, 7, 99)]  # the newest finished, the live
+
+
 def test_persist_again_updates_in_place_and_keeps_submission_order(path: Path) -> None:
     with OutboxStore(path) as store:
         store.apply([Persist(entry(1)), Persist(entry(2)), Persist(entry(3))])

@@ -69,7 +69,8 @@ def test_retries_back_off_exponentially_and_stop_at_the_deadline() -> None:
     # 0 (at submit), then +0.25, +0.5, +1, +2, +2 ... capped at 2 s, never past 6 s.
     assert sends == [0.25, 0.75, 1.75, 3.75, 5.75]
     assert seen[-1] == (6.0, StatusChanged(message_id, ALICE, Status.EXPIRED, ""))
-    assert Forget(message_id) in [o for _, o in seen]
+    hold = OutboxConfig().status_hold
+    assert Forget(message_id, Status.EXPIRED, "", 6.0 + hold) in [o for _, o in seen]
     assert outbox.status(message_id) == (Status.EXPIRED, "") and len(outbox) == 0
 
 
@@ -88,7 +89,8 @@ def test_a_matching_ack_delivers_and_stops_retries() -> None:
     outbox = Outbox(NO_JITTER)
     message_id, token, _ = message(outbox)
     out = outbox.acked(message_id, token, now=0.1)
-    assert out == [Forget(message_id), StatusChanged(message_id, ALICE, Status.DELIVERED, "")]
+    assert out == [Forget(message_id, Status.DELIVERED, "", 0.1 + NO_JITTER.status_hold),
+                   StatusChanged(message_id, ALICE, Status.DELIVERED, "")]
     assert not [o for _, o in run(outbox, 100.0) if isinstance(o, Transmit)]
     assert outbox.status(message_id) == (Status.DELIVERED, "")
     # A duplicate ack changes nothing.
@@ -176,8 +178,52 @@ def test_restored_entries_are_retried_or_expired() -> None:
     dead = Entry(b"d" * 16, ALICE, BOB, 5.0, b"h" * 16, b"sealed")
     assert outbox.restore(live, now=10.0)[0] == Transmit(live.id, BOB, b"sealed")
     assert outbox.restore(dead, now=10.0) == [
-        Forget(dead.id), StatusChanged(dead.id, ALICE, Status.EXPIRED)]
+        Forget(dead.id, Status.EXPIRED, "", 10.0 + NO_JITTER.status_hold),
+        StatusChanged(dead.id, ALICE, Status.EXPIRED)]
     assert len(outbox) == 1
+
+
+def test_finished_statuses_come_back_from_storage_until_their_hold_ends() -> None:
+    outbox = Outbox(NO_JITTER)
+    kept = Entry(b"k" * 16, ALICE, BOB, 5.0, b"h" * 16, b"", next_try=50.0,
+                 status=Status.FAILED, code="unknownTwin")
+    gone = Entry(b"g" * 16, ALICE, BOB, 5.0, b"h" * 16, b"", next_try=9.0,
+                 status=Status.DELIVERED)
+    assert outbox.restore(kept, now=10.0) == [] and outbox.restore(gone, now=10.0) == []
+    assert outbox.status(kept.id) == (Status.FAILED, "unknownTwin")
+    assert outbox.status(gone.id) is None
+    assert len(outbox) == 0  # nothing to send
+    outbox.handle_timer(100.0)
+    assert outbox.status(kept.id) is None  # its hold ended
+
+
+def test_finished_statuses_are_bounded_in_number() -> None:
+    outbox = Outbox(OutboxConfig(jitter=0.0, max_finished=3))
+    ids = []
+    for n in range(5):
+        message_id, token, _ = message(outbox)
+        outbox.acked(message_id, token, now=0.1 * n)
+        ids.append(message_id)
+    assert [outbox.status(i) for i in ids[:2]] == [None, None]  # the oldest went first
+    assert all(outbox.status(i) == (Status.DELIVERED, "") for i in ids[2:])
+
+
+def test_the_first_retry_waits_longer_once_acks_show_a_slow_path() -> None:
+    outbox = Outbox(OutboxConfig(initial_retry=0.25, max_retry=8.0, jitter=0.0))
+    assert outbox.retry_timeout() == 0.25
+    for n in range(20):  # acks take 0.5 s at the first attempt
+        message_id, token, _ = message(outbox, now=float(n))
+        outbox.acked(message_id, token, now=n + 0.5)
+    assert 0.5 <= outbox.retry_timeout() <= 1.0
+    message(outbox, now=100.0)
+    first_retry = min(t for t, o in run(outbox, 200.0) if isinstance(o, Transmit))
+    assert first_retry == 100.0 + outbox.retry_timeout()
+    # Acks of retried messages say nothing about the path (which attempt do they answer?).
+    before = outbox.retry_timeout()
+    retried, token, _ = message(outbox, now=300.0)
+    run(outbox, 302.0)
+    outbox.acked(retried, token, now=302.0)
+    assert outbox.retry_timeout() == before
 
 
 @settings(max_examples=60, deadline=None)

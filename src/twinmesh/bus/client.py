@@ -19,6 +19,12 @@ travels as `schemaId`), or `(schema_id, payload_bytes)`. A receiver that registe
 `accepted` struct types answers any other schema, or a payload that does not decode
 as its type, with a `rejectedSchema` error reply; the sender sees
 `failed(rejectedSchema)`.
+
+Batching: submissions queued by concurrent tasks while a write is in progress go out
+as one `submits` frame; the NIC answers with list frames (`results`, `statusUpdates`,
+`deliveries`, asked for at attach); the envelopes of one `deliveries` frame are
+opened, recorded (one inbox transaction) and acked (one `submits` frame, request id
+0: no result) together.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from typing import Any
 import structlog
 import trio
 
-from twinmesh.bus.crypto import MAX_PAYLOAD, Opened, TwinCrypto
-from twinmesh.bus.inbox_store import InboxStore
+from twinmesh.bus.crypto import MAX_PAYLOAD, Header, Opened, TwinCrypto, read_header
+from twinmesh.bus.inbox_store import InboxStore, IncomingMessage
 from twinmesh.carriers.unix import connect_unix
 from twinmesh.control.framed import FramedStream
 from twinmesh.errors import (
@@ -57,6 +63,11 @@ from twinmesh.wire.framing import encode_frame
 TWINS_SOCKET = "twins.sock"
 LOCATION_TTL = 3600.0
 REQUEST_TIMEOUT = 30.0
+# Envelope bytes and items in one `submits` frame (the NIC reads frames up to 512 KiB;
+# it starts on one frame while later ones are on their way).
+SUBMITS_BATCH = 256 * 1024
+SUBMITS_ITEMS = 1024
+WRITE_BACKLOG = 4 * 1024 * 1024  # bytes queued for the NIC before writers wait
 _local = schemas.local
 _FINAL = ("delivered", "expired", "failed")
 
@@ -124,10 +135,16 @@ class BusClient:
         self.inbox = inbox
         self.accepted = None if accepted is None else {s.schema.node.id: s for s in accepted}
         self._framed = framed
-        self._send_lock = trio.Lock()
-        self._unsent: list[bytes] = []  # encoded frames waiting for `_write`
+        # What waits for the writer task, in order: ("frame", encoded LocalMessage) or
+        # ("submit", (request id, envelope, reliable, fail fast, payload size)).
+        self._unsent: list[tuple[str, Any]] = []
+        self._unsent_bytes = 0
+        self._unsent_ready = trio.Event()
+        self._drained = trio.Event()  # set (and replaced) after every write
+        self._queued_writes = 0  # `_write` calls so far
+        self._written = 0  # of which the writer has sent this many
         self._request_ids = itertools.count(1)
-        self._results: dict[int, trio.MemorySendChannel[tuple[bool, str, str, str]]] = {}
+        self._results: dict[int, _Reply] = {}
         self._statuses: dict[bytes, tuple[str, str]] = {}
         self._found: dict[int, Found] = {}
         # Told of every status change of this twin's messages (twind records them).
@@ -179,6 +196,8 @@ class BusClient:
             client = cls(identity, framed, nic, inbox=inbox, accepted=accepted)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)
+                nursery.start_soon(client._writer)
+                nursery.start_soon(client._watchdog)
                 await client.publish_location()
                 nursery.start_soon(client._republish)
                 try:
@@ -233,11 +252,11 @@ class BusClient:
         _check_size(payload)
         envelope, header = self.crypto.seal_message(
             destination, payload, schema_id, now=time.time(), ttl=ttl, reply_to=reply_to)
-        ok, code, text, _ = await self._submit(envelope, len(payload), reliable=True,
-                                               fail_fast=fail_fast)
+        ok, code, text, status = await self._submit(envelope, len(payload), reliable=True,
+                                                    fail_fast=fail_fast)
         if not ok:
             raise BusError(code, text)
-        self._statuses.setdefault(header.id, ("queued", ""))
+        self._accepted(header.id, status)
         if wait == "delivered":
             # The NIC says "expired" only ACK_GRACE after the deadline (an ack may be late).
             limit = (header.deadline + ACK_GRACE + 1.0 - time.time() if timeout is None
@@ -251,10 +270,20 @@ class BusClient:
                             fail_fast: bool = False) -> None:
         """Hand an envelope sealed earlier (`crypto.seal_message`, e.g. while no NIC was
         reachable) to the NIC's outbox; returns once it is stored durably there."""
-        ok, code, text, _ = await self._submit(envelope, payload_size, reliable=True,
-                                               fail_fast=fail_fast)
+        ok, code, text, status = await self._submit(envelope, payload_size, reliable=True,
+                                                    fail_fast=fail_fast)
         if not ok:
             raise BusError(code, text)
+        with contextlib.suppress(DecodeError):
+            self._accepted(read_header(envelope).id, status)
+
+    def _accepted(self, message_id: bytes, status: str) -> None:
+        """The NIC stored it; its answer may say it already went out ("sent")."""
+        current = self._statuses.get(message_id)
+        if status == "sent" and (current is None or current[0] not in _FINAL):
+            self._set_status(message_id, "sent", "")
+        else:
+            self._statuses.setdefault(message_id, ("queued", ""))
 
     async def request(
         self, destination: PublicKey, message: Any, *, ttl: float = 60.0,
@@ -268,10 +297,11 @@ class BusClient:
             destination, payload, schema_id, now=time.time(), ttl=ttl)
         self._replies[header.id] = send
         try:
-            ok, code, text, _ = await self._submit(envelope, len(payload), reliable=True,
-                                                   fail_fast=False)
+            ok, code, text, status = await self._submit(envelope, len(payload),
+                                                        reliable=True, fail_fast=False)
             if not ok:
                 raise BusError(code, text)
+            self._accepted(header.id, status)
             with trio.move_on_after(timeout):
                 while True:
                     with trio.move_on_after(0.5):
@@ -383,13 +413,9 @@ class BusClient:
     async def _submit(
         self, envelope: bytes, payload_size: int, *, reliable: bool, fail_fast: bool
     ) -> tuple[bool, str, str, str]:
-        message = _local.LocalMessage.new_message()
-        submit = message.init("submit")
-        submit.envelope = envelope
-        submit.reliable = reliable
-        submit.failFast = fail_fast
-        submit.payloadSize = payload_size
-        return await self._call(message)
+        request_id = next(self._request_ids)
+        return await self._request(request_id, "submit", (
+            request_id, envelope, reliable, fail_fast, payload_size))
 
     async def _call(
         self, message: Any, request_id: int | None = None
@@ -397,20 +423,39 @@ class BusClient:
         if request_id is None:
             request_id = next(self._request_ids)
         message.requestId = request_id
-        send, receive = trio.open_memory_channel[tuple[bool, str, str, str]](1)
-        self._results[request_id] = send
+        return await self._request(request_id, "frame", message.to_bytes())
+
+    async def _request(self, request_id: int, kind: str, value: Any) -> tuple[bool, str, str, str]:
+        """Queue one request and wait for the NIC's result for `request_id` (at most
+        REQUEST_TIMEOUT: `_watchdog` gives up on it then)."""
+        reply = self._results[request_id] = _Reply(trio.current_time() + REQUEST_TIMEOUT)
         try:
             if self._closed:
                 raise BusError("offline", "the connection to the NIC is gone")
-            await self._write(message.to_bytes())
-            with trio.fail_after(REQUEST_TIMEOUT):
-                return await receive.receive()
-        except trio.TooSlowError:
-            raise BusError("offline", "the NIC did not answer") from None
-        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._write([(kind, value)])
+            await reply.done.wait()
+            if reply.result is None:
+                if reply.timed_out:
+                    raise BusError("offline", "the NIC did not answer")
+                raise BusError("offline", "the connection to the NIC is gone")
+            return reply.result
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise BusError("offline", "the connection to the NIC is gone") from None
         finally:
             del self._results[request_id]
+
+    async def _watchdog(self) -> None:
+        """Ends the requests the NIC has not answered within REQUEST_TIMEOUT: one task
+        for all of them rather than a cancel scope per request (oldest first, as
+        `_results` is in the order they were made)."""
+        while True:
+            await trio.sleep(1.0)
+            now = trio.current_time()
+            for reply in list(self._results.values()):
+                if reply.deadline > now:
+                    break
+                reply.timed_out = True
+                reply.done.set()
 
     async def _reader(self) -> None:
         while True:
@@ -422,28 +467,37 @@ class BusClient:
             if body is None:
                 self._closed = True
                 for waiting in self._results.values():
-                    waiting.close()
+                    waiting.done.set()  # no result: "offline"
                 for event in self._status_waiters.values():
                     event.set()  # they return what they have
                 self._incoming_in.close()  # receive() says "offline" once drained
                 return
             which, value = schemas.decode(_local.LocalMessage, body, _read_local)
             if which == "result":
-                request_id, result = value
-                channel = self._results.get(request_id)
-                if channel is not None:
-                    channel.send_nowait(result)
+                self._result(*value)
+            elif which == "results":
+                for request_id, result in value:
+                    self._result(request_id, result)
             elif which == "statusUpdate":
-                message_id, status, code = value
-                self._set_status(message_id, status, code)
+                self._set_status(*value)
+            elif which == "statusUpdates":
+                for update in value:
+                    self._set_status(*update)
             elif which == "found":
                 request_id, found = value
-                channel = self._results.get(request_id)
-                if channel is not None:
+                reply = self._results.get(request_id)
+                if reply is not None:
                     self._found[request_id] = found
-                    channel.send_nowait((True, "", "", "found"))
+                    reply.set((True, "", "", "found"))
             elif which == "deliver":
+                await self._delivered([value])
+            elif which == "deliveries":
                 await self._delivered(value)
+
+    def _result(self, request_id: int, result: tuple[bool, str, str, str]) -> None:
+        reply = self._results.get(request_id)
+        if reply is not None:
+            reply.set(result)
 
     def _set_status(self, message_id: bytes, status: str, code: str) -> None:
         current = self._statuses.get(message_id)
@@ -458,80 +512,114 @@ class BusClient:
         if event is not None:
             event.set()
 
-    async def _delivered(self, envelope: bytes) -> None:
+    async def _delivered(self, envelopes: list[bytes]) -> None:
+        """Open what the NIC delivered in one frame; record, hand out and ack the
+        messages among it together."""
         now = time.time()
-        try:
-            opened = self.crypto.open(envelope, now=now)
-        except ExpiredError as exc:
-            # Routine: a retry or an ack that arrived after its deadline.
-            self.log.debug("envelope refused", reason=str(exc))
-            return
-        except (AuthenticationError, DecodeError) as exc:
-            self.log.warning("envelope refused", reason=str(exc))
-            return
-        header = opened.header
-        if header.kind == "ack":
-            self._set_status(header.reply_to, "delivered", "")
-            return
-        if header.kind == "error":
-            code, text = opened.error or ("unknown", "")
-            self._set_status(header.reply_to, "failed", code)
-            self.log.info("error reply", code=code, message=text)
-            return
-        await self._message(opened, now)
+        messages: list[Opened] = []
+        for envelope in envelopes:
+            try:
+                opened = self.crypto.open(envelope, now=now)
+            except ExpiredError as exc:
+                # Routine: a retry or an ack that arrived after its deadline.
+                self.log.debug("envelope refused", reason=str(exc))
+                continue
+            except (AuthenticationError, DecodeError) as exc:
+                self.log.warning("envelope refused", reason=str(exc))
+                continue
+            header = opened.header
+            if header.kind == "ack":
+                # Sent on by a NIC that did not hold the message (we moved NICs).
+                for message_id, _token in header.acked():
+                    self._set_status(message_id, "delivered", "")
+            elif header.kind == "error":
+                code, text = opened.error or ("unknown", "")
+                self._set_status(header.reply_to, "failed", code)
+                self.log.info("error reply", code=code, message=text)
+            else:
+                messages.append(opened)
+        if messages:
+            await self._messages(messages, now)
 
-    async def _message(self, opened: Opened, now: float) -> None:
-        header = opened.header
-        rejection = self._check_schema(header.schema_id, opened.payload)
-        code = "rejectedSchema"
-        if rejection is None and self.screen is not None:
-            refused = self.screen(header.source, header.schema_id)
-            if refused is not None:
-                code, rejection = refused
-        if rejection is None and self.inbox is None and self._incoming_full():
-            return  # no room and no store: not acked, so the sender's NIC retries later
-        if rejection is None:
+    async def _messages(self, batch: list[Opened], now: float) -> None:
+        # Each copy has its own answer: a frame may carry a message twice (a retry
+        # that caught up with the first copy), and only the first one is new.
+        # (opened, error code, why refused: None when it is for the application)
+        checked: list[tuple[Opened, str, str | None]] = []
+        room = self._incoming_room()
+        for opened in batch:
+            code = "rejectedSchema"
+            rejection = self._check_schema(opened.header.schema_id, opened.payload)
+            if rejection is None and self.screen is not None:
+                refused = self.screen(opened.header.source, opened.header.schema_id)
+                if refused is not None:
+                    code, rejection = refused
+            if rejection is None and self.inbox is None:
+                if room <= 0:
+                    continue  # no room and no store: not acked, so the sender's NIC retries
+                room -= 1
+            checked.append((opened, code, rejection))
+        keep = [opened for opened, _, rejection in checked if rejection is None]
+        news: list[bool | None] = []
+        if keep:
             try:
                 async with self._handoff:
-                    new = await self._remember(opened, now)
-                    if new:
-                        self._queued.add(header.id)  # handed out from memory, below
+                    news = await self._remember(keep, now)
+                    for opened, new in zip(keep, news, strict=True):
+                        if new:
+                            self._queued.add(opened.header.id)  # handed out from memory
             except StorageError as exc:
                 # Not stored, so not acked: the sender's NIC retries later.
-                self.log.warning("inbox refused a message", reason=str(exc))
-                return
-        if rejection is not None:
-            # The error first, then the ack that stops the retries: on the one path
-            # between us they arrive in this order, and "failed" is final at the sender.
-            await self._reply(self.crypto.seal_error(header, code, rejection,
-                                                     now=now))
-        await self._reply(self.crypto.seal_ack(header, opened.token, now=now))
-        if rejection is not None:
-            return
-        if not new:
-            return  # a retry of something we already have: acked again, not delivered
-        received = Received(header.id, header.source, header.schema_id, opened.payload,
-                            header.reply_to, header.deadline)
-        waiter = self._replies.get(header.reply_to) if header.reply_to else None
+                self.log.warning("inbox refused messages", reason=str(exc), count=len(keep))
+                checked = [item for item in checked if item[2] is not None]
+                keep, news = [], []
+        answers = iter(news)
+        replies: list[bytes] = []
+        acks: list[tuple[Header, bytes]] = []
+        handed: list[Received] = []
+        for opened, code, rejection in checked:
+            header = opened.header
+            if rejection is not None:
+                # The errors first, then the acks that stop the retries: on the one path
+                # between us they arrive in this order, and "failed" is final at the
+                # sender.
+                replies.append(self.crypto.seal_error(header, code, rejection, now=now))
+            else:
+                new = next(answers)
+                if new is None:
+                    continue  # the inbox is full: not acked, the sender's NIC retries
+                if new:
+                    handed.append(Received(header.id, header.source, header.schema_id,
+                                           opened.payload, header.reply_to,
+                                           header.deadline))
+            acks.append((header, opened.token))
+        # One ack envelope per source for the whole frame (duplicates acked again too).
+        replies += self.crypto.seal_acks(acks, now=now)
+        await self._reply(replies)
+        for received in handed:
+            await self._hand_out(received, now)
+
+    async def _hand_out(self, received: Received, now: float) -> None:
+        waiter = self._replies.get(received.reply_to) if received.reply_to else None
         if waiter is not None:
             waiter.send_nowait(received)
             try:
                 if self.inbox is not None:
-                    await trio.to_thread.run_sync(self.inbox.consume, header.id, now)
+                    await trio.to_thread.run_sync(self.inbox.consume, received.id, now)
             finally:
-                self._queued.discard(header.id)
+                self._queued.discard(received.id)
             return
         try:
             self._incoming_in.send_nowait(received)
         except trio.WouldBlock:
             # The application is far behind: the message waits in the inbox store and
             # `incoming()` picks it up from there.
-            self._queued.discard(header.id)
+            self._queued.discard(received.id)
             self._spilled = True
 
-    def _incoming_full(self) -> bool:
+    def _incoming_room(self) -> int:
         stats = self._incoming_in.statistics()
-        return stats.current_buffer_used >= stats.max_buffer_size
+        return int(stats.max_buffer_size - stats.current_buffer_used)
 
     def _check_schema(self, schema_id: int, payload: bytes) -> str | None:
         if self.accepted is None:
@@ -545,48 +633,140 @@ class BusClient:
             return f"payload does not decode as {schema_id:#x}: {exc}"
         return None
 
-    async def _remember(self, opened: Opened, now: float) -> bool:
-        header = opened.header
+    async def _remember(self, batch: list[Opened], now: float) -> list[bool | None]:
+        """For each message: True new, False seen before (or expired), None not stored
+        (the inbox is full)."""
         if self.inbox is None:
             expiry = self._seen_expiry
             while expiry and expiry[0][0] < now:
                 del self._seen[heapq.heappop(expiry)[1]]
-            if header.id in self._seen:
-                return False
-            self._seen[header.id] = header.deadline
-            heapq.heappush(expiry, (header.deadline, header.id))
-            return True
-        return await trio.to_thread.run_sync(
-            lambda: self.inbox.accept(  # type: ignore[union-attr]
-                header.id, header.source.raw, header.deadline, header.schema_id,
-                opened.payload, now, header.reply_to))
+            news: list[bool | None] = []
+            for opened in batch:
+                header = opened.header
+                if header.id in self._seen:
+                    news.append(False)
+                    continue
+                self._seen[header.id] = header.deadline
+                heapq.heappush(expiry, (header.deadline, header.id))
+                news.append(True)
+            return news
+        inbox = self.inbox
+        incoming = [IncomingMessage(o.header.id, o.header.source.raw, o.header.deadline,
+                                    o.header.schema_id, o.payload, o.header.reply_to)
+                    for o in batch]
+        return await trio.to_thread.run_sync(inbox.accept_many, incoming, now)
 
-    async def _reply(self, envelope: bytes) -> None:
-        """Send an ack or error reply without waiting for the NIC's result: this runs
-        in the reader task, which is the one that would read that result. Best
-        effort: a lost ack means the message comes again, and is acked again."""
-        message = _local.LocalMessage.new_message()
-        submit = message.init("submit")
-        submit.envelope = envelope
-        submit.reliable = False
-        message.requestId = 0  # no one waits for this result
+    async def _reply(self, envelopes: list[bytes]) -> None:
+        """Send acks and error replies without waiting for the NIC's result (request id
+        0: none comes): this runs in the reader task, which is the one that would read
+        it. Best effort: a lost ack means the message comes again, and is acked again."""
+        if not envelopes:
+            return
         try:
-            await self._write(message.to_bytes())
+            await self._write([("submit", (0, envelope, False, False, 0))
+                               for envelope in envelopes])
+            # Out before the application sees the messages: a twin that stops right
+            # after `receive()` has still acked what it got.
+            written = self._queued_writes
+            while self._written < written and not self._closed:
+                await self._drained.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._closed = True
 
-    async def _write(self, body: bytes) -> None:
-        """Send one frame to the NIC. Frames queued by other tasks while a write is in
-        progress go out together in the next one (one system call and one wake-up of
-        the NIC for a burst of sends), in the order they were queued; a frame another
-        task's write took along returns at once."""
-        self._unsent.append(encode_frame(body, self._framed.max_frame))
-        async with self._send_lock:
-            if not self._unsent:
-                return
-            data = b"".join(self._unsent) if len(self._unsent) > 1 else self._unsent[0]
-            self._unsent.clear()
-            await self._framed.stream.send_all(data)
+    async def _write(self, items: list[tuple[str, Any]]) -> None:
+        """Queue frames and submissions for the writer task, which sends everything
+        queued in one write (one system call and one wake-up of the NIC for a burst of
+        sends; submissions in `submits` lists), in order. Returns at once unless more
+        than WRITE_BACKLOG bytes wait (the NIC is not reading): then once they are out.
+        Raises trio.ClosedResourceError when the connection is gone."""
+        if self._closed:
+            raise trio.ClosedResourceError("the connection to the NIC is gone")
+        self._unsent.extend(items)
+        self._unsent_bytes += sum(_item_size(kind, value) for kind, value in items)
+        self._queued_writes += 1
+        self._unsent_ready.set()
+        while self._unsent_bytes > WRITE_BACKLOG and not self._closed:
+            await self._drained.wait()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._unsent_ready.wait()
+            self._unsent_ready = trio.Event()
+            while self._unsent:
+                items, self._unsent = self._unsent, []
+                self._unsent_bytes = 0
+                queued = self._queued_writes
+                try:
+                    await self._framed.stream.send_all(_encode(items, self._framed.max_frame))
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.log.warning("NIC connection broken", reason=str(exc))
+                    self._closed = True
+                    for reply in self._results.values():
+                        reply.done.set()  # no result: "offline"
+                    self._drained.set()
+                    return
+                self._written = queued
+                self._drained.set()
+                self._drained = trio.Event()
+
+
+class _Reply:
+    """The NIC's result for one request (None: the connection is gone, or no answer
+    came by `deadline`, a trio time)."""
+
+    __slots__ = ("deadline", "done", "result", "timed_out")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.done = trio.Event()
+        self.result: tuple[bool, str, str, str] | None = None
+        self.timed_out = False
+
+    def set(self, result: tuple[bool, str, str, str]) -> None:
+        if self.result is None:
+            self.result = result
+            self.done.set()
+
+
+def _item_size(kind: str, value: Any) -> int:
+    return len(value[1]) if kind == "submit" else len(value)
+
+
+def _encode(items: list[tuple[str, Any]], max_frame: int) -> bytes:
+    """Frames for queued items: runs of submissions as `submits` lists of at most
+    about SUBMITS_BATCH envelope bytes, other frames as they are."""
+    frames: list[bytes] = []
+    run: list[tuple[int, bytes, bool, bool, int]] = []
+    size = 0
+
+    def close_run() -> None:
+        nonlocal size
+        if not run:
+            return
+        message = _local.LocalMessage.new_message()
+        submits = message.init("submits", len(run))
+        for submit, (request_id, envelope, reliable, fail_fast, payload_size) in zip(
+                submits, run, strict=True):
+            submit.requestId = request_id
+            submit.envelope = envelope
+            submit.reliable = reliable
+            submit.failFast = fail_fast
+            submit.payloadSize = payload_size
+        frames.append(encode_frame(message.to_bytes(), max_frame))
+        run.clear()
+        size = 0
+
+    for kind, value in items:
+        if kind != "submit":
+            close_run()
+            frames.append(encode_frame(value, max_frame))
+            continue
+        if run and (size + len(value[1]) > SUBMITS_BATCH or len(run) >= SUBMITS_ITEMS):
+            close_run()
+        run.append(value)
+        size += len(value[1])
+    close_run()
+    return b"".join(frames) if len(frames) > 1 else frames[0]
 
 
 async def _attach(framed: FramedStream, identity: Identity, receive: bool) -> PublicKey:
@@ -603,6 +783,7 @@ async def _attach(framed: FramedStream, identity: Identity, receive: bool) -> Pu
     attach.twinKey = identity.public.raw
     attach.signature = sign_attach(identity, nic, nonce)
     attach.receive = receive
+    attach.batches = True
     await framed.send(message.to_bytes())
     body = await framed.receive()
     if body is None:
@@ -623,14 +804,17 @@ def _read_local(reader: Any) -> tuple[str, Any]:
             raise DecodeError("challenge with a malformed NIC key")
         return which, (bytes(challenge.nicKey), bytes(challenge.nonce))
     if which == "result":
-        r = reader.result
-        return which, (int(r.requestId), (bool(r.ok), str(r.code), str(r.message),
-                                          str(r.status)))
+        return which, _read_result(reader.result)
+    if which == "results":
+        return which, [_read_result(r) for r in reader.results]
     if which == "statusUpdate":
-        u = reader.statusUpdate
-        return which, (bytes(u.messageId), str(u.status), str(u.code))
+        return which, _read_update(reader.statusUpdate)
+    if which == "statusUpdates":
+        return which, [_read_update(u) for u in reader.statusUpdates]
     if which == "deliver":
         return which, bytes(reader.deliver)
+    if which == "deliveries":
+        return which, [bytes(envelope) for envelope in reader.deliveries]
     if which == "refused":
         return which, str(reader.refused.reason)
     if which == "found":
@@ -639,6 +823,14 @@ def _read_local(reader: Any) -> tuple[str, Any]:
             Location.read(f.location), int(f.hops), int(f.rounds), int(f.queried),
             float(f.elapsed)))
     return which, None
+
+
+def _read_result(r: Any) -> tuple[int, tuple[bool, str, str, str]]:
+    return int(r.requestId), (bool(r.ok), str(r.code), str(r.message), str(r.status))
+
+
+def _read_update(u: Any) -> tuple[bytes, str, str]:
+    return bytes(u.messageId), str(u.status), str(u.code)
 
 
 def _typed(message: Any) -> tuple[int, bytes]:

@@ -44,7 +44,9 @@ What is sealed, by kind:
 - `ack`: nothing (the plaintext is empty). The header carries the message's token in
   `ackToken`, `replyTo` = the message id and the message's deadline, so the source NIC
   can check it with `ack_matches` without any key, and no one but the destination
-  twin, the only reader of the token, can make one.
+  twin, the only reader of the token, can make one. One ack may answer up to MAX_ACKS
+  messages of one source (`seal_acks`): the others as (id, token) pairs in `moreAcks`,
+  which the associated data covers too; its deadline is the latest of theirs.
 - `error`: a `SealedBody` whose payload is an `ErrorBody` (schemaId = ERROR_SCHEMA_ID).
 
 Limits: a payload is at most MAX_PAYLOAD (64 KiB) bytes; a TTL is more than 0 and at
@@ -97,6 +99,7 @@ MAX_SEALED = MAX_PAYLOAD + SEALED_OVERHEAD
 # The clear header of a full envelope takes about 320 bytes.
 MAX_ENVELOPE = MAX_SEALED + 512
 DEFAULT_KEY_CACHE = 4096
+MAX_ACKS = 1024  # messages one ack envelope may answer
 
 KEY_PERSON = b"twinmesh-rmb-v1"  # BLAKE2b personalisation (at most 16 bytes)
 KEY_CONTEXT = b"twinmesh/rmb/v1/key"
@@ -119,6 +122,7 @@ ERROR_SCHEMA_ID: int = _rmb.ErrorBody.schema.node.id
 # id, source, destination, created, deadline, kind, schemaId; then replyTo, ackHash and
 # ackToken, each after a one-byte length; then the ephemeral key.
 _AD_FIXED = struct.Struct(">16s32s32sddBQ")
+_COUNT = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,14 @@ class Header:
     ack_hash: bytes  # messages: BLAKE2b-128 of the sealed token; b"" otherwise
     ack_token: bytes  # acks: the token of the message acked; b"" otherwise
     ephemeral: bytes
+    # An ack of several messages: (id, token) of each one after the first.
+    more_acks: tuple[tuple[bytes, bytes], ...] = ()
+
+    def acked(self) -> list[tuple[bytes, bytes]]:
+        """(message id, delivery token) of every message this ack answers."""
+        if self.kind != "ack":
+            return []
+        return [(self.reply_to, self.ack_token), *self.more_acks]
 
 
 @dataclass(frozen=True)
@@ -175,11 +187,13 @@ def ack_matches(message: Header, ack: Header) -> bool:
     return (
         message.kind == "message"
         and ack.kind == "ack"
-        and ack.reply_to == message.id
         and ack.source == message.destination
         and ack.destination == message.source
-        and len(ack.ack_token) == TOKEN_SIZE
-        and hmac.compare_digest(token_hash(ack.ack_token), message.ack_hash)
+        and any(
+            message_id == message.id and len(token) == TOKEN_SIZE
+            and hmac.compare_digest(token_hash(token), message.ack_hash)
+            for message_id, token in ack.acked()
+        )
     )
 
 
@@ -204,6 +218,9 @@ def associated_data(header: Header) -> bytes:
             bytes((len(header.ack_token),)),
             header.ack_token,
             header.ephemeral,
+            # Only present in an ack of several messages, so every other AD is as before.
+            *((_COUNT.pack(len(header.more_acks)),) if header.more_acks else ()),
+            *(message_id + token for message_id, token in header.more_acks),
         )
     )
 
@@ -290,9 +307,6 @@ class TwinCrypto:
         if not 0 < schema_id < _U64:
             raise LocalProtocolError(f"schema id {schema_id} is not a Cap'n Proto type id")
         token = self._take(TOKEN_SIZE)
-        body = _rmb.SealedBody.new_message()
-        body.token = token
-        body.payload = bytes(payload)
         return self._seal(
             destination,
             "message",
@@ -302,7 +316,7 @@ class TwinCrypto:
             schema_id=schema_id,
             ack_hash=token_hash(token),
             ack_token=b"",
-            plaintext=body.to_bytes(),
+            plaintext=_flat_message(b"", (token, bytes(payload))),
         )
 
     def seal_ack(self, message: Header, token: bytes, *, now: float) -> bytes:
@@ -331,6 +345,32 @@ class TwinCrypto:
             plaintext=b"",
         )
         return envelope
+
+    def seal_acks(self, acks: list[tuple[Header, bytes]], *, now: float) -> list[bytes]:
+        """Acks for many messages (each with its `Opened.token`), in as few envelopes as
+        possible: one per source and up to MAX_ACKS messages. Same checks as
+        `seal_ack`, which is what a single message gets."""
+        by_source: dict[PublicKey, list[tuple[Header, bytes]]] = {}
+        for message, token in acks:
+            self._reply_deadline(message, now)
+            if len(token) != TOKEN_SIZE or not hmac.compare_digest(
+                token_hash(token), message.ack_hash
+            ):
+                raise LocalProtocolError("that token is not the delivery token of this message")
+            by_source.setdefault(message.source, []).append((message, token))
+        envelopes: list[bytes] = []
+        for source, answered in by_source.items():
+            for start in range(0, len(answered), MAX_ACKS):
+                chunk = answered[start:start + MAX_ACKS]
+                first, token = chunk[0]
+                deadline = max(self._reply_deadline(m, now) for m, _ in chunk)
+                envelope, _ = self._seal(
+                    source, "ack", created=now, deadline=deadline, reply_to=first.id,
+                    schema_id=0, ack_hash=b"", ack_token=bytes(token), plaintext=b"",
+                    more_acks=tuple((m.id, bytes(t)) for m, t in chunk[1:]),
+                )
+                envelopes.append(envelope)
+        return envelopes
 
     def seal_error(self, message: Header, code: str, text: str, *, now: float) -> bytes:
         """A sealed error answering `message`, e.g. `rejectedSchema`, to its source.
@@ -486,6 +526,7 @@ class TwinCrypto:
         ack_hash: bytes,
         ack_token: bytes,
         plaintext: bytes,
+        more_acks: tuple[tuple[bytes, bytes], ...] = (),
     ) -> tuple[bytes, Header]:
         epoch = self._current_epoch(created)
         key = self._send_key(destination, epoch)
@@ -501,12 +542,19 @@ class TwinCrypto:
             ack_hash=ack_hash,
             ack_token=ack_token,
             ephemeral=epoch.public,
+            more_acks=more_acks,
         )
         nonce = self._take(NONCE_SIZE)
         sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
             plaintext, associated_data(header), nonce, key
         )
-        envelope = _rmb.Envelope.new_message()
+        if not more_acks:
+            return _flat_message(
+                _ENVELOPE_DATA.pack(header.created, header.deadline, _KIND_VALUES[kind],
+                                    schema_id),
+                (header.id, header.source.raw, header.destination.raw, reply_to, ack_hash,
+                 ack_token, header.ephemeral, nonce, sealed)), header
+        envelope = _rmb.Envelope.new_message(num_first_segment_words=_words(len(sealed)))
         envelope.id = header.id
         envelope.source = header.source.raw
         envelope.destination = header.destination.raw
@@ -520,6 +568,11 @@ class TwinCrypto:
         envelope.ephemeral = header.ephemeral
         envelope.nonce = nonce
         envelope.sealed = sealed
+        if more_acks:
+            listed = envelope.init("moreAcks", len(more_acks))
+            for item, (message_id, token) in zip(listed, more_acks, strict=True):
+                item.id = message_id
+                item.token = token
         data: bytes = envelope.to_bytes()
         return data, header
 
@@ -553,7 +606,145 @@ def _derive(
 
 
 _Fields = tuple[bytes, bytes, bytes, float, float, int, bytes, int, bytes, bytes, bytes,
-                bytes, bytes]
+                bytes, bytes, tuple[tuple[bytes, bytes], ...]]
+
+
+def _words(size: int) -> int:
+    """First-segment words for a message around `size` bytes of data: one segment, so
+    `_flat_fields` reads it without pycapnp."""
+    return (size + 1024) // 8
+
+
+# Envelope layout (rmb.capnp, as compiled): four data words, nine pointers.
+_ENVELOPE_DATA_WORDS = 4
+_ENVELOPE_POINTERS = 9
+_U32_PAIR = struct.Struct("<II")
+_U64_LE = struct.Struct("<Q")
+_F64_LE = struct.Struct("<d")
+_U16_LE = struct.Struct("<H")
+# created, deadline, kind (+ padding), schemaId; then the nine pointers.
+_ENVELOPE_FLAT = struct.Struct("<ddH6xQ9Q")
+
+
+_ENVELOPE_DATA = struct.Struct("<ddH6xQ")
+
+
+def _flat_message(data_section: bytes, blobs: tuple[bytes, ...]) -> bytes:
+    """A single-segment Cap'n Proto message whose root struct has `data_section`
+    (whole words) and one Data pointer per blob, the blobs after it in order: what
+    pycapnp builds for such a struct, with one copy of each blob instead of three
+    (builder, segment, bytes), and readable by `_flat_struct` without pycapnp."""
+    count = len(blobs)
+    pointers: list[int] = []
+    body: list[bytes] = []
+    position = 0  # words from the end of the pointer section to the next blob
+    remaining = count
+    for blob in blobs:
+        remaining -= 1
+        size = len(blob)
+        if not size:
+            pointers.append(0)
+            continue
+        # A byte-list pointer: its offset counts words from the pointer's own end.
+        pointers.append(1 | ((remaining + position) << 2) | (2 << 32) | (size << 35))
+        body.append(blob)
+        padded = (size + 7) & ~7
+        if padded != size:
+            body.append(_ZEROS[:padded - size])
+        position += padded >> 3
+    data_words = len(data_section) >> 3
+    root = (data_words << 32) | (count << 48)  # a struct pointer, offset 0
+    return b"".join((_U32_PAIR.pack(0, 1 + data_words + count + position),
+                     _U64_LE.pack(root), data_section, _POINTERS[count].pack(*pointers),
+                     *body))
+
+
+_ZEROS = bytes(8)
+_POINTERS = {count: struct.Struct(f"<{count}Q") for count in range(1, 16)}
+
+
+def _flat_struct(data: bytes) -> tuple[int, int, int, int, int] | None:
+    """Where the root struct of a single-segment Cap'n Proto message lies: (data
+    section start, data words, pointer section start, pointer count, segment end).
+    None for anything else (several segments, a far or odd root pointer, out of
+    bounds): then pycapnp reads it, and decides."""
+    if len(data) < 16:
+        return None
+    segments_minus_one, words = _U32_PAIR.unpack_from(data, 0)
+    end = 8 + words * 8
+    if segments_minus_one != 0 or end != len(data):
+        return None
+    (root,) = _U64_LE.unpack_from(data, 8)
+    if root & 3 != 0 or root == 0:
+        return None
+    offset = (root >> 2) & 0x3FFFFFFF
+    if offset & 0x20000000:
+        offset -= 0x40000000
+    data_words = (root >> 32) & 0xFFFF
+    pointers = root >> 48
+    start = 16 + offset * 8
+    if start < 8 or start + (data_words + pointers) * 8 > end:
+        return None
+    return start, data_words, start + data_words * 8, pointers, end
+
+
+def _flat_data(data: bytes, pointers: int, count: int, index: int, end: int) -> bytes | None:
+    """The Data field behind pointer `index` of a flat struct; b"" when null or beyond
+    the pointer section (an older writer); None when it is not a plain byte list in
+    bounds (then pycapnp decides)."""
+    if index >= count:
+        return b""
+    position = pointers + index * 8
+    (word,) = _U64_LE.unpack_from(data, position)
+    if word == 0:
+        return b""
+    if word & 3 != 1 or (word >> 32) & 7 != 2:
+        return None
+    offset = (word >> 2) & 0x3FFFFFFF
+    if offset & 0x20000000:
+        offset -= 0x40000000
+    start = position + 8 + offset * 8
+    size = word >> 35
+    if start < 8 or start + size > end:
+        return None
+    return data[start:start + size]
+
+
+def _flat_fields(envelope: bytes) -> _Fields | None:
+    """The envelope's fields read straight from a flat (single-segment) encoding, as
+    pycapnp would read them: a NIC parses every envelope twice per hop, and pycapnp
+    costs about 1 µs per field. None: not flat, let pycapnp read it."""
+    layout = _flat_struct(envelope)
+    if layout is None:
+        return None
+    start, data_words, pointers, count, end = layout
+    if data_words != _ENVELOPE_DATA_WORDS or count < _ENVELOPE_POINTERS:
+        return None  # an older or newer writer: pycapnp reads it
+    if count > _ENVELOPE_POINTERS and any(
+            _U64_LE.unpack_from(envelope, pointers + index * 8)[0]
+            for index in range(_ENVELOPE_POINTERS, count)):
+        return None  # moreAcks (or a newer field): pycapnp reads it
+    created, deadline, kind, schema_id, *words = _ENVELOPE_FLAT.unpack_from(envelope, start)
+    fields: list[bytes] = []
+    position = pointers
+    for word in words:
+        if word == 0:
+            fields.append(b"")
+        else:
+            if word & 3 != 1 or (word >> 32) & 7 != 2:
+                return None
+            offset = (word >> 2) & 0x3FFFFFFF
+            if offset & 0x20000000:
+                offset -= 0x40000000
+            begin = position + 8 + offset * 8
+            size = word >> 35
+            if begin < 8 or begin + size > end:
+                return None
+            fields.append(envelope[begin:begin + size])
+        position += 8
+    id_, source, destination, reply_to, ack_hash, ack_token, ephemeral, nonce, sealed = fields
+    return (id_, source, destination, created, deadline, kind, reply_to, schema_id,
+            ack_hash, ack_token, ephemeral, nonce, sealed, ())
 
 
 def _read_envelope(reader: Any) -> _Fields:
@@ -571,6 +762,7 @@ def _read_envelope(reader: Any) -> _Fields:
         bytes(reader.ephemeral),
         bytes(reader.nonce),
         bytes(reader.sealed),
+        tuple((bytes(a.id), bytes(a.token)) for a in reader.moreAcks),
     )
 
 
@@ -584,10 +776,11 @@ def _parse(envelope: bytes) -> tuple[Header, bytes, bytes]:
     """Header, nonce and ciphertext of `envelope`; DecodeError unless well-formed."""
     if len(envelope) > MAX_ENVELOPE:
         raise DecodeError(f"envelope of {len(envelope)} bytes exceeds {MAX_ENVELOPE}")
+    fields = _flat_fields(envelope)
+    if fields is None:
+        fields = schemas.decode(_rmb.Envelope, envelope, _read_envelope)
     (id_, source, destination, created, deadline, kind_value, reply_to, schema_id,
-     ack_hash, ack_token, ephemeral, nonce, sealed) = schemas.decode(
-        _rmb.Envelope, envelope, _read_envelope
-    )
+     ack_hash, ack_token, ephemeral, nonce, sealed, more_acks) = fields
     kind = _KIND_NAMES.get(kind_value)
     if kind is None:
         raise DecodeError(f"envelope kind {kind_value} is unknown")
@@ -605,8 +798,15 @@ def _parse(envelope: bytes) -> tuple[Header, bytes, bytes]:
     elif kind == "ack":
         _size("replyTo of an ack", reply_to, ID_SIZE)
         _size("ackToken of an ack", ack_token, TOKEN_SIZE)
+        if len(more_acks) >= MAX_ACKS:
+            raise DecodeError(f"an ack of {len(more_acks) + 1} messages; at most {MAX_ACKS}")
+        for message_id, token in more_acks:
+            _size("moreAcks id", message_id, ID_SIZE)
+            _size("moreAcks token", token, TOKEN_SIZE)
     else:
         _size("replyTo of an error", reply_to, ID_SIZE)
+    if more_acks and kind != "ack":
+        raise DecodeError(f"a {kind} carries no moreAcks")
     if not TAG_SIZE <= len(sealed) <= MAX_SEALED:
         raise DecodeError(f"sealed part of {len(sealed)} bytes is outside {TAG_SIZE}..{MAX_SEALED}")
     if not (math.isfinite(created) and math.isfinite(deadline)):
@@ -627,8 +827,22 @@ def _parse(envelope: bytes) -> tuple[Header, bytes, bytes]:
         ack_hash=ack_hash,
         ack_token=ack_token,
         ephemeral=ephemeral,
+        more_acks=more_acks,
     )
     return header, nonce, sealed
+
+
+def _flat_body(plaintext: bytes) -> tuple[bytes, bytes] | None:
+    """Token and payload of a flat SealedBody (pointers 0 and 1), else None."""
+    layout = _flat_struct(plaintext)
+    if layout is None:
+        return None
+    _, _, pointers, count, end = layout
+    token = _flat_data(plaintext, pointers, count, 0, end)
+    payload = _flat_data(plaintext, pointers, count, 1, end)
+    if token is None or payload is None:
+        return None
+    return token, payload
 
 
 def _read_body(reader: Any) -> tuple[bytes, bytes]:
@@ -648,7 +862,9 @@ def _unseal(header: Header, plaintext: bytes) -> Opened:
         if plaintext or header.ack_hash or header.schema_id:
             raise DecodeError("an ack carries no sealed body, ackHash or schema id")
         return Opened(header, b"", b"", None)
-    token, payload = schemas.decode(_rmb.SealedBody, plaintext, _read_body)
+    flat = _flat_body(plaintext)
+    token, payload = flat if flat is not None else schemas.decode(
+        _rmb.SealedBody, plaintext, _read_body)
     if len(payload) > MAX_PAYLOAD:
         raise DecodeError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     if header.kind == "message":

@@ -87,6 +87,18 @@ class InboxMessage:
     consumed_at: float | None  # None while pending
 
 
+@dataclass(frozen=True)
+class IncomingMessage:
+    """An opened message to record (`accept_many`)."""
+
+    id: bytes
+    source: bytes
+    deadline: float
+    schema_id: int
+    payload: bytes
+    reply_to: bytes = b""
+
+
 class InboxStore(SqliteStore):
     """The inbox of one twin, in one sqlite3 file (created with mode 0600).
 
@@ -179,6 +191,50 @@ class InboxStore(SqliteStore):
                 raise
             self._pending += 1
             return True
+
+    def accept_many(self, messages: list[IncomingMessage], now: float) -> list[bool | None]:
+        """`accept` for several opened messages in one durable transaction (one fsync
+        for a burst instead of one per message), in order: True new, False duplicate
+        or expired (as for `accept`), None not stored because `max_pending` messages
+        already wait (answer `overloaded`: the sender retries later). Raises
+        StorageError when the disk or file fails; then none of them was stored."""
+        answers: list[bool | None] = []
+        with self._lock:
+            conn = self._connection()
+            pending = self._pending
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                seen_now: set[bytes] = set()
+                for message in messages:
+                    if not 0 <= message.schema_id < _U64:
+                        raise ValueError(f"schema id {message.schema_id} is not an "
+                                         "unsigned 64-bit integer")
+                    if (now > message.deadline or message.id in seen_now
+                            or self._known(conn, message.id)):
+                        answers.append(False)
+                        continue
+                    if pending >= self.max_pending:
+                        answers.append(None)
+                        continue
+                    conn.execute("INSERT INTO seen (id, forget_after) VALUES (?, ?)",
+                                 (message.id, message.deadline + self.grace))
+                    conn.execute(
+                        f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                        (message.id, message.source, message.reply_to,
+                         _to_i64(message.schema_id), message.payload, message.deadline, now),
+                    )
+                    seen_now.add(message.id)
+                    pending += 1
+                    answers.append(True)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                rollback(conn)
+                raise storage_error(self.path, "cannot write the inbox", exc) from None
+            except BaseException:
+                rollback(conn)
+                raise
+            self._pending = pending
+        return answers
 
     def consume(self, message_id: bytes, now: float) -> bool:
         """The application is done with this message: keep it as history only.

@@ -6,6 +6,13 @@ previous commit ran to `OutboxStore.apply` as one batch (group commit), and only
 `apply` has returned does it tell the submitting twins "accepted". After a restart the
 shell reads the entries back with `load()` and feeds each to `Outbox.restore()`.
 
+Finished messages: a `Forget` that carries a final status (delivered, expired,
+failed) keeps the row with that status and code, its envelope dropped and `next_try`
+holding the time until which the status is kept, so "what became of id X?" is still
+answered after a restart. `apply(..., now=...)` prunes the rows past that time, and
+the oldest beyond `max_finished`, at most once every PRUNE_INTERVAL seconds (no new
+column or index: the schema stays version 1).
+
 Durability: one sqlite3 file, write-ahead log, `synchronous=FULL`. When `apply`
 returns, the batch is in the log and the log has been fsync'ed, so it survives
 `kill -9` and power loss. A batch is all-or-nothing: a crash, a full disk or a bad
@@ -28,7 +35,7 @@ from typing import Any
 
 from twinmesh.errors import StorageError
 from twinmesh.identity.keys import PublicKey
-from twinmesh.proto.outbox import Entry, Forget, Persist, Status
+from twinmesh.proto.outbox import FINAL, Entry, Forget, Persist, Status
 from twinmesh.storage import SqliteStore, open_database, rollback, storage_error
 
 STORE_KIND = "twinmesh-outbox"
@@ -65,6 +72,20 @@ ON CONFLICT (id) DO UPDATE SET
     next_try = excluded.next_try, status = excluded.status, code = excluded.code
 """
 
+_FINISH = """
+UPDATE entries SET envelope = x'', status = ?, code = ?, next_try = ? WHERE id = ?
+"""
+
+_FINAL_STATUSES = tuple(sorted(status.value for status in FINAL))
+_FINAL_IN = "status IN (" + ", ".join("?" * len(_FINAL_STATUSES)) + ")"
+_PRUNE_OLD = f"DELETE FROM entries WHERE {_FINAL_IN} AND next_try <= ?"
+_PRUNE_MANY = f"""
+DELETE FROM entries WHERE seq IN (
+    SELECT seq FROM entries WHERE {_FINAL_IN} ORDER BY seq DESC LIMIT -1 OFFSET ?)
+"""
+PRUNE_INTERVAL = 60.0
+DEFAULT_MAX_FINISHED = 100_000
+
 _SELECT = """
 SELECT id, source, destination, deadline, ack_hash, envelope, attempts, next_try,
        status, code
@@ -81,18 +102,30 @@ class OutboxStore(SqliteStore):
 
     kind = "outbox"
 
-    def __init__(self, path: Path, *, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, path: Path, *, max_bytes: int | None = None,
+        max_finished: int = DEFAULT_MAX_FINISHED,
+    ) -> None:
         super().__init__(
             path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes)
         )
+        # This sqlite zeroes every freed page by default (secure_delete): each acked
+        # 64 KiB envelope was written twice more. FAST still clears what is freed
+        # inside a page; the envelopes are sealed end to end anyway.
+        assert self._conn is not None
+        self._conn.execute("PRAGMA secure_delete = FAST")
+        self.max_finished = max_finished  # immutable after construction
+        self._next_prune = 0.0  # unix time; only touched with _lock held
 
     # ------------------------------------------------------------------ write
 
-    def apply(self, outputs: Iterable[Persist | Forget]) -> None:
+    def apply(self, outputs: Iterable[Persist | Forget], now: float | None = None) -> None:
         """Apply a batch of `Persist`/`Forget` outputs in one durable transaction.
 
         `Persist` stores the entry as it is *now* (a second `Persist` of the same id
-        updates it in place); `Forget` of an id not stored is a no-op. On return the
+        updates it in place); `Forget` of an id not stored is a no-op; a `Forget` with
+        a status keeps that status until its `until`. With `now` (unix seconds) the
+        same transaction prunes finished statuses now and then. On return the
         whole batch is durable; on any exception none of it was applied (`StorageError`
         for the disk or the file, `TypeError` for an output that is neither).
         """
@@ -107,14 +140,23 @@ class OutboxStore(SqliteStore):
                     if isinstance(output, Persist):
                         conn.execute(_UPSERT, _row(output.entry))
                     elif isinstance(output, Forget):
-                        conn.execute("DELETE FROM entries WHERE id = ?", (output.id,))
+                        if output.status is None:
+                            conn.execute("DELETE FROM entries WHERE id = ?", (output.id,))
+                        else:
+                            conn.execute(_FINISH, (output.status.value, output.code,
+                                                   output.until, output.id))
                     else:
                         raise TypeError(
                             f"OutboxStore.apply takes Persist and Forget outputs, "
                             f"not {type(output).__name__}"
                         )
+                if began and now is not None and now >= self._next_prune:
+                    conn.execute(_PRUNE_OLD, (*_FINAL_STATUSES, now))
+                    conn.execute(_PRUNE_MANY, (*_FINAL_STATUSES, self.max_finished))
                 if began:
                     conn.execute("COMMIT")
+                    if now is not None and now >= self._next_prune:
+                        self._next_prune = now + PRUNE_INTERVAL
             except sqlite3.Error as exc:
                 rollback(conn)
                 raise storage_error(self.path, "cannot write the outbox", exc) from None
@@ -125,7 +167,8 @@ class OutboxStore(SqliteStore):
     # ------------------------------------------------------------------- read
 
     def load(self) -> list[Entry]:
-        """Every stored entry, in submission order, as it was last persisted."""
+        """Every stored entry, in submission order, as it was last persisted; finished
+        ones have a final status, no envelope, and `next_try` = kept until."""
         with self._lock:
             conn = self._connection()
             try:

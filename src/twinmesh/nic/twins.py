@@ -15,6 +15,15 @@ What runs here (all in the NIC's nursery):
 
 Sending to the overlay is best effort on purpose: the outbox retries until an ack
 arrives or the deadline passes, so a dropped transmission costs a retry, not a message.
+
+Batching (the cost of a message is mostly wake-ups, system calls and Cap'n Proto
+frames, not crypto): everything that piles up while a task sleeps goes out together.
+The sender packs the envelopes queued for one NIC into one overlay packet
+(`NicBus.envelopes`); each twin session has a `Mailbox` whose pump writes what is
+waiting as one frame per kind (`results`, `statusUpdates`, `deliveries`) when the
+twin attached with `batches`; a twin submits many envelopes in one `submits` frame,
+and acks it sends with requestId 0 get no result. An ack that closed an outbox entry
+here is not handed to the source twin: the `delivered` status update says it all.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +43,7 @@ import trio
 
 from twinmesh.bus.crypto import Header, read_header
 from twinmesh.carriers.unix import serve_unix
-from twinmesh.control.framed import FramedStream
+from twinmesh.control.framed import CONTROL_MAX_FRAME, FramedStream
 from twinmesh.errors import (
     DecodeError,
     NoRouteError,
@@ -70,10 +79,68 @@ SESSION_QUEUE = 1024  # envelopes and updates waiting for one twin session
 COMMITS_IN_FLIGHT = 1024
 PUMP_BATCH = 256 * 1024  # bytes of queued frames written to a twin in one send
 TRANSMIT_QUEUE = 4096
+# Envelope bytes packed into one overlay packet (well under a link's maximum payload).
+PACKET_BATCH = 256 * 1024
+# Items in one list frame or packet, at most. Smaller batches (64) were measured: they
+# cost more CPU per message in every process (more wake-ups, commits and writes) than
+# they gain by letting the next process start earlier.
+BATCH_ITEMS = 1024
 NOTICE_CODES = frozenset({"offline", "unknownTwin"})  # what a destination NIC may answer
 MAX_ENVELOPE = 96 * 1024  # a 64 KiB payload plus header and sealing overhead
+# The largest frame a twin may send: a `submits` list of envelopes (the client keeps
+# its lists under SUBMITS_BATCH; one envelope is still capped by MAX_ENVELOPE).
+SESSION_MAX_FRAME = 512 * 1024
 
 _local = schemas.local
+
+
+class Mailbox:
+    """What waits to be written to one twin session, in order, as (kind, value) items:
+    "frame" (an encoded LocalMessage), "result", "status" or "deliver". Bounded: past
+    `limit` items `send_nowait`/`put` raise trio.WouldBlock, except results, which
+    must not be lost (`put(..., force=True)`; they are bounded by the requests a
+    session may have in flight). After `close()` they raise trio.BrokenResourceError.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: deque[tuple[str, Any]] = deque()
+        self.closed = False
+        self._ready = trio.Event()
+        self._room = trio.Event()
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue an encoded LocalMessage (as a memory channel would)."""
+        self.put("frame", frame)
+
+    def put(self, kind: str, value: Any, *, force: bool = False) -> None:
+        if self.closed:
+            raise trio.BrokenResourceError("the twin session is gone")
+        if not force and len(self.items) >= self.limit:
+            raise trio.WouldBlock
+        self.items.append((kind, value))
+        self._ready.set()
+
+    async def wait_room(self) -> None:
+        while len(self.items) >= self.limit and not self.closed:
+            await self._room.wait()
+
+    async def wait_items(self) -> None:
+        while not self.items:
+            if self.closed:
+                raise trio.ClosedResourceError
+            await self._ready.wait()
+            self._ready = trio.Event()
+
+    def took(self) -> None:
+        """The pump took items: wake whoever waits for room."""
+        self._room.set()
+        self._room = trio.Event()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+        self._room.set()
 
 
 @dataclass(eq=False)
@@ -83,7 +150,12 @@ class TwinSession:
     id: int
     twin: PublicKey
     receive: bool
-    outgoing: trio.MemorySendChannel[bytes]
+    outgoing: Mailbox
+    batches: bool = False  # the twin reads list frames (Attach.batches)
+    # Submissions waiting for their group commit; past COMMITS_IN_FLIGHT the session
+    # stops reading (released by the writer once their commit is done).
+    commits: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(
+        COMMITS_IN_FLIGHT))
 
 
 @dataclass(frozen=True)
@@ -97,12 +169,16 @@ class FindAnswer:
     elapsed: float  # seconds
 
 
-@dataclass
-class _Pending:
-    """A submission waiting for its group commit."""
+@dataclass(frozen=True)
+class _Waiting:
+    """A submission waiting for its group commit before the twin hears "accepted"."""
 
-    done: trio.Event = field(default_factory=trio.Event)
-    error: str = ""
+    session: TwinSession
+    request_id: int
+    transmits: list[Transmit]
+    # Its first "sent": told to the submitting session with "accepted" (one item, not
+    # two), to the twin's other sessions as a status update.
+    sent: StatusChanged | None = None
 
 
 class TwinPort:
@@ -129,10 +205,11 @@ class TwinPort:
         self.counters: dict[str, int] = defaultdict(int)
         self._store: OutboxStore | None = None
         self._batch: list[Persist | Forget] = []
-        self._waiting: list[tuple[list[Transmit], _Pending]] = []
+        self._waiting: list[_Waiting] = []
         self._batch_ready = trio.Event()
+        # (NIC, "envelope" | "frame", bytes): envelopes are packed many to a packet.
         self._transmit_in, self._transmit_out = trio.open_memory_channel[
-            tuple[PublicKey, bytes]](TRANSMIT_QUEUE)
+            tuple[PublicKey, str, bytes]](TRANSMIT_QUEUE)
         self._timer_scope: trio.CancelScope | None = None
         self._session_ids = itertools.count(1)
         self.log = structlog.get_logger("twinmesh.twins").bind(node=nic.key.short)
@@ -147,7 +224,8 @@ class TwinPort:
             for entry in restored:
                 self._apply(self.outbox.restore(entry, now))
             if restored:
-                self.log.info("outbox restored", messages=len(restored))
+                self.log.info("outbox restored", messages=len(self.outbox),
+                              finished=len(restored) - len(self.outbox))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._sender)
@@ -177,11 +255,13 @@ class TwinPort:
         scope = self._timer_scope
         deadline = self.outbox.get_timer()
         if scope is not None and deadline is not None:
-            scope.deadline = min(scope.deadline, trio.current_time() + max(
-                0.0, deadline - _unix_now()))
+            wake = trio.current_time() + max(0.0, deadline - _unix_now())
+            if wake < scope.deadline:  # setting it costs, even to the same value
+                scope.deadline = wake
 
     async def _writer(self) -> None:
-        """Group commit: everything persisted while the last commit ran goes in one."""
+        """Group commit: everything persisted while the last commit ran goes in one;
+        then the twins that submitted hear "accepted" and the envelopes go out."""
         while True:
             await self._batch_ready.wait()
             self._batch_ready = trio.Event()
@@ -192,26 +272,47 @@ class TwinPort:
             assert self._store is not None
             error = ""
             try:
-                await trio.to_thread.run_sync(self._store.apply, batch)
+                await trio.to_thread.run_sync(self._store.apply, batch, _unix_now())
             except StorageError as exc:
                 error = str(exc)
                 self.log.error("outbox commit failed", error=error, batch=len(batch))
                 for item in batch:
                     if isinstance(item, Persist):
                         self.outbox.drop(item.entry.id)
-            for transmits, pending in waiting:
-                pending.error = error
-                if not error:
-                    for transmit in transmits:
+            for submitted in waiting:
+                session = submitted.session
+                if error:
+                    self._answer(session, submitted.request_id, ok=False, code="overloaded",
+                                 message=f"the NIC could not store the message: {error}")
+                else:
+                    for transmit in submitted.transmits:
                         self._transmit(transmit)
-                pending.done.set()
+                    sent = submitted.sent
+                    self._answer(session, submitted.request_id, ok=True,
+                                 status="queued" if sent is None else sent.status.value)
+                    if sent is not None:
+                        self._status_update(sent, but=session)
+                session.commits.release()
 
     async def _sender(self) -> None:
-        async for nic_key, data in self._transmit_out:
-            try:
-                await self.nic.send(nic_key, data)
-            except NoRouteError:
-                self.counters["transmit_no_route"] += 1
+        """Hands what is queued for other NICs to the overlay: the envelopes for one
+        NIC packed into as few packets as fit, other frames as they are, in order."""
+        async for first in self._transmit_out:
+            items = [first]
+            while len(items) < TRANSMIT_QUEUE:
+                try:
+                    items.append(self._transmit_out.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            by_nic: dict[PublicKey, list[tuple[str, bytes]]] = {}
+            for nic_key, kind, data in items:
+                by_nic.setdefault(nic_key, []).append((kind, data))
+            for nic_key, queued in by_nic.items():
+                for packet in _packets(queued):
+                    try:
+                        await self.nic.send(nic_key, packet)
+                    except NoRouteError:
+                        self.counters["transmit_no_route"] += 1
 
     # --------------------------------------------------------- outbox outputs
 
@@ -241,25 +342,22 @@ class TwinPort:
             # Our twin, but not attached right now: keep it queued, try again soon.
             self._apply(self.outbox.error(transmit.id, "offline", _unix_now()))
             return
-        self._send_to_nic(nic_key, _nic_bus("envelope", transmit.envelope))
+        self._send_to_nic(nic_key, transmit.envelope, kind="envelope")
 
     def send_dht(self, nic_key: PublicKey, message: bytes) -> None:
         """Send a DHT message to another NIC (best effort, like every bus frame)."""
         self._send_to_nic(nic_key, _nic_bus("dht", message))
 
-    def _send_to_nic(self, nic_key: PublicKey, data: bytes) -> None:
+    def _send_to_nic(self, nic_key: PublicKey, data: bytes, *, kind: str = "frame") -> None:
+        """Queue for the sender: an envelope (packed with others) or a NicBus frame."""
         try:
-            self._transmit_in.send_nowait((nic_key, data))
+            self._transmit_in.send_nowait((nic_key, kind, data))
         except trio.WouldBlock:
             self.counters["transmit_dropped"] += 1  # the outbox will retry
 
-    def _status_update(self, change: StatusChanged) -> None:
-        message = _local.LocalMessage.new_message()
-        update = message.init("statusUpdate")
-        update.messageId = change.id
-        update.status = change.status.value
-        update.code = change.code
-        self._to_twin(change.source, message.to_bytes(), receivers_only=False)
+    def _status_update(self, change: StatusChanged, *, but: TwinSession | None = None) -> None:
+        self._to_twin(change.source, "status", (change.id, change.status.value, change.code),
+                      receivers_only=False, but=but)
 
     # ------------------------------------------------------- from the overlay
 
@@ -286,21 +384,33 @@ class TwinPort:
                 return
             self._apply(self.outbox.error(message_id, code, _unix_now()))
             return
-        envelope = value
-        try:
-            header = read_header(envelope)
-        except DecodeError as exc:
-            self.counters["bad_envelopes"] += 1
-            self.log.warning("bad envelope", nic=source_nic.short, reason=str(exc))
-            return
-        self._arrived(header, envelope, source_nic)
+        for envelope in value if which == "envelopes" else (value,):
+            try:
+                header = read_header(envelope)
+            except DecodeError as exc:
+                self.counters["bad_envelopes"] += 1
+                self.log.warning("bad envelope", nic=source_nic.short, reason=str(exc))
+                continue
+            self._arrived(header, envelope, source_nic)
 
     def _arrived(self, header: Header, envelope: bytes, source_nic: PublicKey | None) -> None:
         """An envelope for one of our twins (from the overlay, or from a local twin)."""
         if header.kind == "ack":
-            # We may be the NIC of the twin that sent the message: close its outbox
-            # entry (a no-op unless the delivery token matches).
-            self._apply(self.outbox.acked(header.reply_to, header.ack_token, _unix_now()))
+            # We may be the NIC of the twin that sent the messages: close their outbox
+            # entries (a no-op unless the delivery token matches). The source twin then
+            # hears `delivered` as a status update and needs no copy of the ack; an ack
+            # of a message this outbox does not know (the twin sent it through another
+            # NIC) goes on.
+            now = _unix_now()
+            elsewhere = False
+            for message_id, token in header.acked():
+                outputs = self.outbox.acked(message_id, token, now)
+                if outputs:
+                    self._apply(outputs)
+                elif self.outbox.status(message_id) is None:
+                    elsewhere = True
+            if not elsewhere:
+                return
         if self._receivers(header.destination):
             self._deliver_local(header.destination, envelope)
         elif header.kind == "message" and source_nic is not None:
@@ -312,20 +422,21 @@ class TwinPort:
         return self.locate(twin) == self.nic.key
 
     def _deliver_local(self, twin: PublicKey, envelope: bytes) -> None:
-        message = _local.LocalMessage.new_message()
-        message.deliver = envelope
-        self._to_twin(twin, message.to_bytes(), receivers_only=True)
+        self._to_twin(twin, "deliver", envelope, receivers_only=True)
 
     def _receivers(self, twin: PublicKey) -> list[TwinSession]:
         return [s for s in self.sessions.get(twin, ()) if s.receive]
 
-    def _to_twin(self, twin: PublicKey, frame: bytes, *, receivers_only: bool) -> None:
+    def _to_twin(self, twin: PublicKey, kind: str, value: Any, *, receivers_only: bool,
+                 but: TwinSession | None = None) -> None:
         sessions = self._receivers(twin) if receivers_only else self.sessions.get(twin, [])
         # Deliveries go to the newest receiving session only (exactly one consumer);
         # status updates go to every session of the twin.
         for session in sessions[-1:] if receivers_only else sessions:
+            if session is but:
+                continue
             try:
-                session.outgoing.send_nowait(frame)
+                session.outgoing.put(kind, value)
             except trio.WouldBlock:
                 # A twin that does not read: the sender's outbox retries the message.
                 self.counters["session_overflow"] += 1
@@ -335,7 +446,7 @@ class TwinPort:
     # ------------------------------------------------------------ twin sessions
 
     async def _connection(self, stream: trio.abc.Stream, remote: str) -> None:
-        framed = FramedStream(stream, MAX_ENVELOPE + 4096)
+        framed = FramedStream(stream, SESSION_MAX_FRAME)
         nonce = os.urandom(NONCE_SIZE)
         hello = _local.LocalMessage.new_message()
         challenge = hello.init("challenge")
@@ -348,7 +459,7 @@ class TwinPort:
                 body = await framed.receive()
             if body is None:
                 return
-            twin_raw, signature, receive = schemas.decode(
+            twin_raw, signature, receive, batches = schemas.decode(
                 _local.LocalMessage, body, _read_attach)
             twin = verify_attach(self.nic.key, nonce, twin_raw, signature)
         except (trio.TooSlowError, RemoteProtocolError, ValueError) as exc:
@@ -356,30 +467,29 @@ class TwinPort:
             self.log.warning("twin attach refused", reason=str(exc) or "timeout")
             await _send_refused(framed, str(exc) or "attach timed out")
             return
-        send, receive_channel = trio.open_memory_channel[bytes](SESSION_QUEUE)
-        session = TwinSession(next(self._session_ids), twin, receive, send)
+        mailbox = Mailbox(SESSION_QUEUE)
+        session = TwinSession(next(self._session_ids), twin, receive, mailbox, batches)
         self.sessions[twin].append(session)
         log = self.log.bind(twin=twin.short, session=session.id)
-        log.info("twin attached", receive=receive)
+        log.info("twin attached", receive=receive, batches=batches)
         attached = _local.LocalMessage.new_message()
         attached.init("attached").sessionId = session.id
         await framed.send(attached.to_bytes())
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump, receive_channel, framed)
+                nursery.start_soon(_pump, session, framed)
                 await self._serve_session(session, framed, log, nursery)
                 nursery.cancel_scope.cancel()
         finally:
             self.sessions[twin].remove(session)
             if not self.sessions[twin]:
                 del self.sessions[twin]
-            send.close()
+            mailbox.close()
             log.info("twin detached")
 
     async def _serve_session(
         self, session: TwinSession, framed: FramedStream, log: Any, nursery: trio.Nursery
     ) -> None:
-        commits = trio.Semaphore(COMMITS_IN_FLIGHT)
         while True:
             try:
                 body = await framed.receive()
@@ -395,14 +505,10 @@ class TwinPort:
                 await self._result(session, 0, ok=False, code="malformed", message=str(exc))
                 continue
             if which == "submit":
-                envelope, reliable, fail_fast, payload_size = value
-                pending = await self._submit(session, request_id, envelope, reliable,
-                                             fail_fast, payload_size)
-                if pending is not None:
-                    # Answer once it is committed, without holding up the next request.
-                    await commits.acquire()
-                    nursery.start_soon(self._answer_after_commit, session, request_id,
-                                       pending, commits)
+                await self._submit(session, request_id, *value)
+            elif which == "submits":
+                for item_id, *fields in value:
+                    await self._submit(session, item_id, *fields)
             elif which == "status":
                 state = self.outbox.status(value)
                 status = state[0].value if state else "unknown"
@@ -452,31 +558,32 @@ class TwinPort:
     async def _submit(
         self, session: TwinSession, request_id: int, envelope: bytes, reliable: bool,
         fail_fast: bool, payload_size: int,
-    ) -> _Pending | None:
-        """Admit one submission. Answers the twin at once, or returns the `_Pending`
-        whose group commit must finish before the answer (`_answer_after_commit`)."""
+    ) -> None:
+        """Admit one submission. Answers the twin at once, or once its group commit is
+        done (`_writer`); a best-effort submission with request id 0 is not answered."""
         try:
             header = read_header(envelope)
         except DecodeError as exc:
             await self._result(session, request_id, ok=False, code="malformed",
                                message=str(exc))
-            return None
+            return
         if header.source != session.twin:
             await self._result(session, request_id, ok=False, code="unauthorized",
                                message="the envelope's source is not the attached twin")
-            return None
+            return
         now = _unix_now()
         if not reliable:
             # Acks and error replies: one best-effort send, no outbox.
             self._route_once(header, envelope)
-            await self._result(session, request_id, ok=True, status="sent")
-            return None
+            if request_id:
+                await self._result(session, request_id, ok=True, status="sent")
+            return
         at = self.locate(header.destination)
         if fail_fast and at == self.nic.key and header.destination not in self.sessions:
             # Our own twin, and it is away: say so now rather than queueing.
             await self._result(session, request_id, ok=False, code="offline",
                                message=f"{header.destination.text} is not attached")
-            return None
+            return
         routable = header.destination in self.sessions or at is not None
         refused, outputs = self.outbox.submit(
             id=header.id, source=header.source, destination=header.destination,
@@ -485,38 +592,28 @@ class TwinPort:
         )
         if refused is not None:
             await self._refused(session, request_id, refused)
-            return None
+            return
         transmits = [o for o in outputs if isinstance(o, Transmit)]
-        self._apply([o for o in outputs if not isinstance(o, Transmit)])
+        sent = next((o for o in outputs if isinstance(o, StatusChanged)), None)
+        self._apply([o for o in outputs if not isinstance(o, Transmit | StatusChanged)])
         if not any(isinstance(o, Persist) for o in outputs):
             await self._result(session, request_id, ok=True, status="queued")  # resubmission
-            return None
-        pending = _Pending()
-        self._waiting.append((transmits, pending))
-        self._batch_ready.set()
-        return pending
-
-    async def _answer_after_commit(
-        self, session: TwinSession, request_id: int, pending: _Pending,
-        commits: trio.Semaphore,
-    ) -> None:
+            return
+        # Answered once committed, without holding up the next request; past
+        # COMMITS_IN_FLIGHT waiting ones the session stops reading.
         try:
-            await pending.done.wait()
-            if pending.error:
-                await self._result(session, request_id, ok=False, code="overloaded",
-                                   message=f"the NIC could not store the message: "
-                                           f"{pending.error}")
-            else:
-                await self._result(session, request_id, ok=True, status="queued")
-        finally:
-            commits.release()
+            session.commits.acquire_nowait()
+        except trio.WouldBlock:
+            await session.commits.acquire()
+        self._waiting.append(_Waiting(session, request_id, transmits, sent))
+        self._batch_ready.set()
 
     def _route_once(self, header: Header, envelope: bytes) -> None:
         nic_key = self.locate(header.destination)
         if header.destination in self.sessions or nic_key == self.nic.key:
             self._arrived(header, envelope, None)
         elif nic_key is not None:
-            self._send_to_nic(nic_key, _nic_bus("envelope", envelope))
+            self._send_to_nic(nic_key, envelope, kind="envelope")
 
     async def _refused(self, session: TwinSession, request_id: int, refused: Refused) -> None:
         self.counters[f"refused_{refused.code}"] += 1
@@ -527,40 +624,129 @@ class TwinPort:
         self, session: TwinSession, request_id: int, *, ok: bool, code: str = "",
         message: str = "", status: str = "",
     ) -> None:
-        frame = _local.LocalMessage.new_message()
-        frame.requestId = request_id
-        result = frame.init("result")
-        result.requestId = request_id
-        result.ok = ok
-        result.code = code
-        result.message = message[:500]
-        result.status = status
-        try:
-            session.outgoing.send_nowait(frame.to_bytes())
-        except trio.WouldBlock:
+        if len(session.outgoing.items) >= session.outgoing.limit:
             # Results must not be lost: wait for room (the twin is reading slowly).
-            await session.outgoing.send(frame.to_bytes())
+            await session.outgoing.wait_room()
+        self._answer(session, request_id, ok=ok, code=code, message=message, status=status)
+
+    def _answer(
+        self, session: TwinSession, request_id: int, *, ok: bool, code: str = "",
+        message: str = "", status: str = "",
+    ) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            session.outgoing.put("result", (request_id, ok, code, message[:500], status),
+                                 force=True)
 
 
-async def _pump(channel: trio.MemoryReceiveChannel[bytes], framed: FramedStream) -> None:
+async def _pump(session: TwinSession, framed: FramedStream) -> None:
+    """Writes what waits in the session's mailbox: everything queued goes out in one
+    write (one system call and one wake-up of the twin for a burst of results, status
+    updates and deliveries), as one list frame per run of one kind to a twin that reads
+    them."""
     # A twin that hangs up while frames are on their way to it ends only its own
     # session (the reader sees the end of the stream): the error must not escape the
     # session's nursery, where an exception group would take the whole TwinPort down.
+    mailbox = session.outgoing
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        async for frame in channel:
-            # What is already queued goes out in the same write: one system call and
-            # one wake-up of the twin for a burst of results, status updates and
-            # deliveries, instead of one each.
-            frames = [encode_frame(frame, framed.max_frame)]
-            size = len(frames[0])
-            while size < PUMP_BATCH:
-                try:
-                    frame = channel.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                frames.append(encode_frame(frame, framed.max_frame))
-                size += len(frames[-1])
+        while True:
+            await mailbox.wait_items()
+            frames = _frames(mailbox.items, session.batches, framed.max_frame)
+            mailbox.took()
             await framed.stream.send_all(b"".join(frames) if len(frames) > 1 else frames[0])
+
+
+def _frames(items: deque[tuple[str, Any]], batches: bool, max_frame: int) -> list[bytes]:
+    """Take up to about PUMP_BATCH bytes of items off the front and encode them: runs
+    of one kind become one list frame for a twin that reads them (`batches`)."""
+    frames: list[bytes] = []
+    size = 0
+    while items and size < PUMP_BATCH:
+        kind, value = items.popleft()
+        if kind == "frame":
+            frames.append(encode_frame(value, max_frame))
+        else:
+            run = [value]
+            run_size = _item_size(kind, value)
+            while (batches and items and items[0][0] == kind and len(run) < BATCH_ITEMS
+                   and size + run_size < PUMP_BATCH):
+                value = items.popleft()[1]
+                run.append(value)
+                run_size += _item_size(kind, value)
+            # A list frame may exceed the NIC's own cap (an envelope): the twin's
+            # reader takes up to CONTROL_MAX_FRAME, and a run stops at PUMP_BATCH.
+            frames.append(encode_frame(_local_frame(kind, run), CONTROL_MAX_FRAME))
+        size += len(frames[-1])
+    return frames
+
+
+def _item_size(kind: str, value: Any) -> int:
+    return len(value) if kind == "deliver" else 64
+
+
+def _local_frame(kind: str, run: list[Any]) -> bytes:
+    """One LocalMessage for a run of results, status updates or deliveries: the single
+    member for one, the list member for more."""
+    message = _local.LocalMessage.new_message()
+    if kind == "deliver":
+        if len(run) == 1:
+            message.deliver = run[0]
+        else:
+            deliveries = message.init("deliveries", len(run))
+            for index, envelope in enumerate(run):
+                deliveries[index] = envelope
+    elif kind == "status":
+        updates = [message.init("statusUpdate")] if len(run) == 1 else message.init(
+            "statusUpdates", len(run))
+        for update, (message_id, status, code) in zip(updates, run, strict=True):
+            update.messageId = message_id
+            update.status = status
+            update.code = code
+    else:
+        if len(run) == 1:
+            message.requestId = run[0][0]
+            results = [message.init("result")]
+        else:
+            results = message.init("results", len(run))
+        for result, (request_id, ok, code, text, status) in zip(results, run, strict=True):
+            result.requestId = request_id
+            result.ok = ok
+            result.code = code
+            result.message = text
+            result.status = status
+    return bytes(message.to_bytes())
+
+
+def _packets(queued: list[tuple[str, bytes]]) -> list[bytes]:
+    """NicBus packets for what is queued for one NIC, in order: runs of envelopes
+    packed into `envelopes` lists of at most about PACKET_BATCH bytes."""
+    packets: list[bytes] = []
+    run: list[bytes] = []
+    size = 0
+
+    def close_run() -> None:
+        nonlocal size
+        if len(run) == 1:
+            packets.append(_nic_bus("envelope", run[0]))
+        elif run:
+            message = _local.NicBus.new_message()
+            envelopes = message.init("envelopes", len(run))
+            for index, envelope in enumerate(run):
+                envelopes[index] = envelope
+            packets.append(bytes(message.to_bytes()))
+        run.clear()
+        size = 0
+
+    for kind, data in queued:
+        if kind != "envelope":
+            close_run()
+            packets.append(data)
+            continue
+        if run and (size + len(data) > PACKET_BATCH or len(run) >= BATCH_ITEMS):
+            close_run()
+        run.append(data)
+        size += len(data)
+    close_run()
+    return packets
 
 
 async def _send_refused(framed: FramedStream, reason: str) -> None:
@@ -589,6 +775,8 @@ def _read_nic_bus(reader: Any) -> tuple[str, Any]:
     which = str(reader.which())
     if which == "envelope":
         return which, bytes(reader.envelope)
+    if which == "envelopes":
+        return which, [bytes(envelope) for envelope in reader.envelopes]
     if which == "notice":
         notice = reader.notice
         return which, (bytes(notice.messageId), bytes(notice.twin), str(notice.code))
@@ -597,11 +785,12 @@ def _read_nic_bus(reader: Any) -> tuple[str, Any]:
     raise DecodeError(f"bus frame {which!r} unknown to this version")
 
 
-def _read_attach(reader: Any) -> tuple[bytes, bytes, bool]:
+def _read_attach(reader: Any) -> tuple[bytes, bytes, bool, bool]:
     if str(reader.which()) != "attach":
         raise DecodeError("expected an attach")
     attach = reader.attach
-    return bytes(attach.twinKey), bytes(attach.signature), bool(attach.receive)
+    return (bytes(attach.twinKey), bytes(attach.signature), bool(attach.receive),
+            bool(attach.batches))
 
 
 def _read_request(reader: Any) -> tuple[int, str, Any]:
@@ -611,6 +800,10 @@ def _read_request(reader: Any) -> tuple[int, str, Any]:
         s = reader.submit
         return request_id, which, (bytes(s.envelope), bool(s.reliable), bool(s.failFast),
                                    int(s.payloadSize))
+    if which == "submits":
+        return request_id, which, [
+            (int(s.requestId), bytes(s.envelope), bool(s.reliable), bool(s.failFast),
+             int(s.payloadSize)) for s in reader.submits]
     if which == "status":
         return request_id, which, bytes(reader.status.messageId)
     if which == "publish":

@@ -19,10 +19,18 @@ After a restart the shell feeds the persisted entries back with `restore()`; the
 are retried at once, and a message acked before the crash is simply acked again by
 the destination twin, whose dedup store keeps it from being delivered twice.
 
+The first retry waits `initial_retry`, or longer once acks show that the path is
+slower (queues under load): the retransmission timeout follows the ack delays of
+messages acked at their first attempt (smoothed as TCP does: srtt + 4 rttvar, Karn's
+rule), so a busy NIC does not resend what is merely queued.
+
 An ack is accepted only when its delivery token hashes to the message's `ack_hash`
 (`ack_matches`), so no NIC on the path can stop the retries of a message it could not
-read. Status is kept for finished messages for `status_hold` seconds so a twin can
-still ask "what became of id X?".
+read. Status is kept for finished messages for `status_hold` seconds (the newest
+`max_finished` of them) so a twin can still ask "what became of id X?": the `Forget`
+of a finished entry carries its final status, which the shell keeps in durable storage
+for as long, so the answer survives a restart (`restore` takes such entries back as
+finished statuses).
 """
 
 from __future__ import annotations
@@ -64,7 +72,8 @@ class OutboxConfig:
     max_per_destination: int = 1000
     max_total: int = 100_000
     max_per_source: int = 10_000  # per submitting twin: beyond it, "overloaded"
-    status_hold: float = 600.0
+    status_hold: float = 7200.0  # how long a finished status is kept (memory and disk)
+    max_finished: int = 100_000  # at most this many finished statuses (oldest go first)
     ack_grace: float = 0.0  # 0: expire at the deadline itself; the NIC uses ACK_GRACE
 
 
@@ -84,6 +93,7 @@ class Entry:
     # restart the message is retried like any other (the twin asked fast, it got
     # nothing yet, so it is still better delivered than lost).
     fail_fast: bool = False
+    first_sent: float = 0.0  # when the first attempt went out (not persisted)
 
 
 @dataclass(frozen=True)
@@ -104,9 +114,14 @@ class Persist:
 
 @dataclass(frozen=True)
 class Forget:
-    """The entry is finished: remove it from durable storage."""
+    """The entry is finished: drop its envelope from durable storage. With a `status`,
+    keep that final status (and its code) there until `until` (unix seconds); without
+    one, remove every trace of it."""
 
     id: bytes
+    status: Status | None = None
+    code: str = ""
+    until: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -128,11 +143,7 @@ class Refused:
     message: str
 
 
-@dataclass
-class _Finished:
-    status: Status
-    code: str
-    until: float
+FINAL = frozenset({Status.DELIVERED, Status.EXPIRED, Status.FAILED})
 
 
 @dataclass
@@ -145,7 +156,10 @@ class Outbox:
         self._timers: list[tuple[float, bytes]] = []  # (when, id); stale items skipped
         self._per_destination: Counter[PublicKey] = Counter()
         self._per_source: Counter[PublicKey] = Counter()
-        self._finished: dict[bytes, _Finished] = {}
+        # id -> (status, code, until), oldest first.
+        self._finished: dict[bytes, tuple[Status, str, float]] = {}
+        self._srtt: float | None = None  # smoothed ack delay, seconds
+        self._rttvar = 0.0
 
     # ------------------------------------------------------------------ admit
 
@@ -188,11 +202,19 @@ class Outbox:
         return None, [Persist(entry), *self._attempt(entry, now)]
 
     def restore(self, entry: Entry, now: float) -> list[Output]:
-        """Re-admit an entry read back from durable storage after a restart."""
-        if entry.id in self._entries:
+        """Re-admit an entry read back from durable storage after a restart. A finished
+        one (a final status, kept until `entry.next_try`) only answers status queries."""
+        if entry.id in self._entries or entry.id in self._finished:
+            return []
+        if entry.status in FINAL:
+            if entry.next_try > now:
+                self._remember(entry.id, entry.status, entry.code, entry.next_try)
             return []
         if entry.deadline <= now:
-            return [Forget(entry.id), StatusChanged(entry.id, entry.source, Status.EXPIRED)]
+            until = now + self.config.status_hold
+            self._remember(entry.id, Status.EXPIRED, entry.code, until)
+            return [Forget(entry.id, Status.EXPIRED, entry.code, until),
+                    StatusChanged(entry.id, entry.source, Status.EXPIRED)]
         entry.next_try = now
         self._add(entry)
         return self._attempt(entry, now)
@@ -204,6 +226,8 @@ class Outbox:
         entry = self._entries.get(message_id)
         if entry is None or not token_matches(token, entry.ack_hash):
             return []
+        if entry.attempts == 1:  # an ack of a retried message could answer any attempt
+            self._sample(now - entry.first_sent)
         return self._finish(entry, Status.DELIVERED, "", now)
 
     def error(self, message_id: bytes, code: str, now: float) -> list[Output]:
@@ -245,8 +269,8 @@ class Outbox:
         # Finished statuses are held for the same time each, so the dict (in insertion
         # order) expires from its front: stop at the first one still held.
         while self._finished:
-            message_id, finished = next(iter(self._finished.items()))
-            if finished.until > now:
+            message_id, (_, _, until) = next(iter(self._finished.items()))
+            if until > now:
                 break
             del self._finished[message_id]
         return out
@@ -266,7 +290,7 @@ class Outbox:
             return entry.status, entry.code
         finished = self._finished.get(message_id)
         if finished is not None:
-            return finished.status, finished.code
+            return finished[0], finished[1]
         return None
 
     def __len__(self) -> int:
@@ -287,7 +311,27 @@ class Outbox:
         self._per_destination[entry.destination] += 1
         self._per_source[entry.source] += 1
 
+    def retry_timeout(self) -> float:
+        """The wait before a first retry: `initial_retry`, or the ack delay seen
+        lately plus four deviations when that is longer (at most `max_retry`)."""
+        config = self.config
+        if self._srtt is None:
+            return config.initial_retry
+        return min(config.max_retry, max(config.initial_retry,
+                                          self._srtt + 4 * self._rttvar))
+
+    def _sample(self, delay: float) -> None:
+        if delay < 0:
+            return
+        if self._srtt is None:
+            self._srtt, self._rttvar = delay, delay / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - delay)
+            self._srtt = 0.875 * self._srtt + 0.125 * delay
+
     def _attempt(self, entry: Entry, now: float) -> list[Output]:
+        if not entry.attempts:
+            entry.first_sent = now
         entry.attempts += 1
         out: list[Output] = [Transmit(entry.id, entry.destination, entry.envelope)]
         if entry.status is Status.QUEUED:
@@ -298,7 +342,7 @@ class Outbox:
 
     def _delay(self, attempts: int) -> float:
         config = self.config
-        return backoff_delay(attempts, initial=config.initial_retry, cap=config.max_retry,
+        return backoff_delay(attempts, initial=self.retry_timeout(), cap=config.max_retry,
                              jitter=config.jitter, rng=self.rng)
 
     def _schedule(self, entry: Entry, when: float) -> None:
@@ -322,8 +366,15 @@ class Outbox:
     def _finish(self, entry: Entry, status: Status, code: str, now: float) -> list[Output]:
         self._remove(entry)
         entry.status = status
-        self._finished[entry.id] = _Finished(status, code, now + self.config.status_hold)
-        return [Forget(entry.id), StatusChanged(entry.id, entry.source, status, code)]
+        until = now + self.config.status_hold
+        self._remember(entry.id, status, code, until)
+        return [Forget(entry.id, status, code, until),
+                StatusChanged(entry.id, entry.source, status, code)]
+
+    def _remember(self, message_id: bytes, status: Status, code: str, until: float) -> None:
+        self._finished[message_id] = (status, code, until)
+        while len(self._finished) > self.config.max_finished:
+            del self._finished[next(iter(self._finished))]
 
 
 def token_matches(token: bytes, ack_hash: bytes) -> bool:
