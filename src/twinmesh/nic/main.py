@@ -12,7 +12,6 @@ the file's value). SIGINT and SIGTERM stop it cleanly. Exit codes: 0 clean stop,
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import signal
 import sys
@@ -22,6 +21,7 @@ import structlog
 import trio
 
 from twinmesh import __version__
+from twinmesh.daemon import lock_state_dir, sole_user_error
 from twinmesh.errors import ConfigError, KeyFileError
 from twinmesh.identity.keystore import ensure_state_dir, load_or_create_identity
 from twinmesh.log import configure_logging
@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(args)
         configure_logging(config.log_format, config.log_level)
         ensure_state_dir(config.state_dir)
-        lock = _lock_state_dir(config.state_dir)
+        lock = lock_state_dir(config.state_dir, LOCK_FILE, "pnicd")
         try:
             trio.run(serve, config)
         except BaseExceptionGroup as group:
-            raise _sole_user_error(group) from None
+            raise sole_user_error(group) from None
         finally:
             os.close(lock)
     except (ConfigError, KeyFileError) as exc:
@@ -129,34 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
-
-
-def _sole_user_error(group: BaseExceptionGroup) -> BaseException:
-    # A bad setting found while starting a service inside the nursery (a busy admin
-    # socket, a non-loopback health address) arrives wrapped in an exception group.
-    matched, rest = group.split((ConfigError, KeyFileError))
-    if matched is not None and rest is None:
-        leaves = _leaves(matched)
-        return leaves[0] if len(leaves) == 1 else group
-    return group
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    # Nurseries inside nurseries nest their groups; the user error is a leaf.
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return found
-
-
-def _lock_state_dir(state_dir: Path) -> int:
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"{state_dir}: another pnicd is already running here") from None
-    return fd
 
 
 if __name__ == "__main__":

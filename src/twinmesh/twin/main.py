@@ -21,7 +21,6 @@ file or state dir (one line on stderr).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import signal
 import sys
@@ -32,6 +31,7 @@ import structlog
 import trio
 
 from twinmesh import __version__
+from twinmesh.daemon import lock_state_dir, sole_user_error
 from twinmesh.errors import ConfigError, KeyFileError, StorageError
 from twinmesh.identity.keystore import ensure_state_dir, load_or_create_identity
 from twinmesh.log import configure_logging
@@ -146,20 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         nics = [path.expanduser().resolve() for path in args.nic]
         if args.host is not None:
             root = args.state_root.expanduser()
-            lock = _lock(ensure_state_dir(root))
+            lock = lock_state_dir(ensure_state_dir(root), LOCK_FILE, "twind")
             try:
                 trio.run(serve_hosted, root, args.host, nics)
             except BaseExceptionGroup as group:
-                raise _sole_user_error(group) from None
+                raise sole_user_error(group) from None
             finally:
                 os.close(lock)
             return 0
         state_dir = ensure_state_dir((args.state_dir or default_twin_dir()).expanduser())
-        lock = _lock(state_dir)
+        lock = lock_state_dir(state_dir, LOCK_FILE, "twind")
         try:
             trio.run(lambda: serve_twin(state_dir, nics, http=args.http, name=args.name))
         except BaseExceptionGroup as group:
-            raise _sole_user_error(group) from None
+            raise sole_user_error(group) from None
         finally:
             os.close(lock)
     except (ConfigError, KeyFileError, StorageError) as exc:
@@ -168,32 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
-
-
-def _sole_user_error(group: BaseExceptionGroup) -> BaseException:
-    matched, rest = group.split((ConfigError, KeyFileError, StorageError))
-    if matched is not None and rest is None:
-        leaves = _leaves(matched)
-        return leaves[0] if len(leaves) == 1 else group
-    return group
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    # Nurseries inside nurseries nest their groups; the user error is a leaf.
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return found
-
-
-def _lock(state_dir: Path) -> int:
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"{state_dir}: another twind is already running here") from None
-    return fd
 
 
 if __name__ == "__main__":
