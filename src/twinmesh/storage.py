@@ -13,11 +13,14 @@ import os
 import sqlite3
 import stat
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from twinmesh.errors import StorageError
+
+T = TypeVar("T")
 
 
 class SqliteStore:
@@ -52,6 +55,34 @@ class SqliteStore:
         if self._conn is None:
             raise StorageError(f"{self.path}: the {self.kind} store is closed")
         return self._conn
+
+    def _write(self, doing: str, run: Callable[[sqlite3.Connection], T], *,
+               power_safe: bool = False) -> T:
+        """`run` in one transaction; StorageError("cannot {doing}") on failure, rolled
+        back. For a store opened with power_safe=False, `power_safe=True` makes this
+        one commit synchronous=FULL (an fsync) and the others skip it."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                with synchronous_full(conn, power_safe):
+                    conn.execute("BEGIN IMMEDIATE")
+                    result = run(conn)
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                rollback(conn)
+                raise storage_error(self.path, f"cannot {doing}", exc) from None
+            except BaseException:
+                rollback(conn)
+                raise
+            return result
+
+    def _read(self, doing: str, run: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            conn = self._connection()
+            try:
+                return run(conn)
+            except sqlite3.Error as exc:
+                raise storage_error(self.path, f"cannot {doing}", exc) from None
 
 
 def open_database(
@@ -151,6 +182,20 @@ def _check_schema(
     except BaseException:
         rollback(conn)
         raise
+
+
+@contextlib.contextmanager
+def synchronous_full(conn: sqlite3.Connection, enabled: bool = True) -> Iterator[None]:
+    """Commits inside are power safe (fsync) on a connection opened power_safe=False."""
+    if not enabled:
+        yield
+        return
+    conn.execute("PRAGMA synchronous = FULL")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA synchronous = NORMAL")
 
 
 def rollback(conn: sqlite3.Connection) -> None:

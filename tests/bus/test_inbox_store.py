@@ -205,16 +205,27 @@ def test_schema_ids_must_be_unsigned_64_bit(path: Path) -> None:
 # ----------------------------------------------------------- file and failures
 
 
-def test_file_is_private_wal_and_synchronous_full(path: Path) -> None:
+def test_file_is_private_wal_and_accepting_is_power_safe(path: Path) -> None:
     with InboxStore(path) as store:
+        conn = store._conn  # white box: the settings live on the store's connection
+        assert conn is not None
+        statements: list[str] = []
+        conn.set_trace_callback(statements.append)
         accept(store, 1)
         for suffix in ("", "-wal", "-shm"):
             mode = stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode)
             assert mode == 0o600, (suffix, oct(mode))
-        conn = store._conn  # white box: the settings live on the store's connection
-        assert conn is not None
+        # The accepting commit runs with synchronous=FULL (an fsync) ...
+        full = statements.index("PRAGMA synchronous = FULL")
+        assert full < statements.index("COMMIT") < statements.index(
+            "PRAGMA synchronous = NORMAL")
+        # ... consuming does not (kill -9 safe without it; see the module docstring).
+        statements.clear()
+        assert store.consume(mid(1), NOW)
+        assert "PRAGMA synchronous = FULL" not in statements
+        conn.set_trace_callback(None)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+        assert conn.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL between
 
 
 def test_full_disk_raises_storage_error_and_leaves_the_store_usable(path: Path) -> None:

@@ -18,11 +18,15 @@ Consumed messages stay as history (`history(peer)`, for chat views), the newest
 for the application: beyond that `accept` raises StorageError("inbox full") and the
 twin answers `overloaded`, so the sender retries later instead of filling the disk.
 
-Durability and errors are those of the NIC outbox store: one sqlite3 file (mode
-0600), write-ahead log, `synchronous=FULL`, one transaction per call; a full disk,
-an I/O error, a read-only or corrupt file raise `StorageError` naming the file, with
-the transaction rolled back. Every method may be called from any thread (the trio
-shell uses `trio.to_thread.run_sync`); a lock serialises them.
+Durability and errors: one sqlite3 file (mode 0600), write-ahead log, one transaction
+per call. Accepting is power safe (`synchronous=FULL`: an fsync per call, so the
+trio shell calls `accept_many` in a worker thread); every other commit survives a
+kill -9 but skips the fsync (`synchronous=NORMAL`) and takes microseconds, so the
+shell calls it directly: a thread hop costs more than the call. A consumed mark lost
+to a power cut only offers the message to the application again, which dedups by
+id. A full disk, an I/O error, a read-only or corrupt file raise `StorageError`
+naming the file, with the transaction rolled back. Every method may be called from
+any thread; a lock serialises them.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from twinmesh.errors import StorageError
-from twinmesh.storage import SqliteStore, open_database, rollback, storage_error
+from twinmesh.storage import (
+    SqliteStore,
+    open_database,
+    rollback,
+    storage_error,
+    synchronous_full,
+)
 
 STORE_KIND = "twinmesh-inbox"
 SCHEMA_VERSION = 1
@@ -120,7 +130,8 @@ class InboxStore(SqliteStore):
         if grace < 0 or max_pending < 1 or max_history < 0:
             raise ValueError("grace and max_history must be >= 0 and max_pending >= 1")
         super().__init__(
-            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes)
+            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes,
+                                power_safe=False)
         )
         # Immutable after construction.
         self.grace = grace
@@ -172,17 +183,18 @@ class InboxStore(SqliteStore):
                         f"{self.path}: inbox full ({self._pending} messages not yet "
                         "consumed by the application)"
                     )
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(
-                    "INSERT INTO seen (id, forget_after) VALUES (?, ?)",
-                    (message_id, deadline + self.grace),
-                )
-                conn.execute(
-                    f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                    (message_id, source, reply_to, _to_i64(schema_id), payload,
-                     deadline, now),
-                )
-                conn.execute("COMMIT")
+                with synchronous_full(conn):
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute(
+                        "INSERT INTO seen (id, forget_after) VALUES (?, ?)",
+                        (message_id, deadline + self.grace),
+                    )
+                    conn.execute(
+                        f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                        (message_id, source, reply_to, _to_i64(schema_id), payload,
+                         deadline, now),
+                    )
+                    conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 rollback(conn)
                 raise storage_error(self.path, "cannot write the inbox", exc) from None
@@ -203,30 +215,31 @@ class InboxStore(SqliteStore):
             conn = self._connection()
             pending = self._pending
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                seen_now: set[bytes] = set()
-                for message in messages:
-                    if not 0 <= message.schema_id < _U64:
-                        raise ValueError(f"schema id {message.schema_id} is not an "
-                                         "unsigned 64-bit integer")
-                    if (now > message.deadline or message.id in seen_now
-                            or self._known(conn, message.id)):
-                        answers.append(False)
-                        continue
-                    if pending >= self.max_pending:
-                        answers.append(None)
-                        continue
-                    conn.execute("INSERT INTO seen (id, forget_after) VALUES (?, ?)",
-                                 (message.id, message.deadline + self.grace))
-                    conn.execute(
-                        f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                        (message.id, message.source, message.reply_to,
-                         _to_i64(message.schema_id), message.payload, message.deadline, now),
-                    )
-                    seen_now.add(message.id)
-                    pending += 1
-                    answers.append(True)
-                conn.execute("COMMIT")
+                with synchronous_full(conn):
+                    conn.execute("BEGIN IMMEDIATE")
+                    seen_now: set[bytes] = set()
+                    for message in messages:
+                        if not 0 <= message.schema_id < _U64:
+                            raise ValueError(f"schema id {message.schema_id} is not an "
+                                             "unsigned 64-bit integer")
+                        if (now > message.deadline or message.id in seen_now
+                                or self._known(conn, message.id)):
+                            answers.append(False)
+                            continue
+                        if pending >= self.max_pending:
+                            answers.append(None)
+                            continue
+                        conn.execute("INSERT INTO seen (id, forget_after) VALUES (?, ?)",
+                                     (message.id, message.deadline + self.grace))
+                        conn.execute(
+                            f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                            (message.id, message.source, message.reply_to,
+                             _to_i64(message.schema_id), message.payload, message.deadline, now),
+                        )
+                        seen_now.add(message.id)
+                        pending += 1
+                        answers.append(True)
+                    conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 rollback(conn)
                 raise storage_error(self.path, "cannot write the inbox", exc) from None

@@ -13,10 +13,11 @@ answered after a restart. `apply(..., now=...)` prunes the rows past that time, 
 the oldest beyond `max_finished`, at most once every PRUNE_INTERVAL seconds (no new
 column or index: the schema stays version 1).
 
-Durability: one sqlite3 file, write-ahead log, `synchronous=FULL`. When `apply`
-returns, the batch is in the log and the log has been fsync'ed, so it survives
-`kill -9` and power loss. A batch is all-or-nothing: a crash, a full disk or a bad
-element in the middle leaves none of it applied.
+Durability: one sqlite3 file, write-ahead log. When `apply` returns, the batch is in
+the log and (unless `power_safe=False`: batches without new submissions, kill -9
+safe only) the log has been fsync'ed, so it survives `kill -9` and power loss. A
+batch is all-or-nothing: a crash, a full disk or a bad element in the middle leaves
+none of it applied.
 
 Errors: anything the disk or the file does wrong (full, I/O error, read-only,
 corrupt) raises `StorageError` with one line naming the file, after rolling the
@@ -36,7 +37,13 @@ from typing import Any
 from twinmesh.errors import StorageError
 from twinmesh.identity.keys import PublicKey
 from twinmesh.proto.outbox import FINAL, Entry, Forget, Persist, Status
-from twinmesh.storage import SqliteStore, open_database, rollback, storage_error
+from twinmesh.storage import (
+    SqliteStore,
+    open_database,
+    rollback,
+    storage_error,
+    synchronous_full,
+)
 
 STORE_KIND = "twinmesh-outbox"
 SCHEMA_VERSION = 1
@@ -107,7 +114,8 @@ class OutboxStore(SqliteStore):
         max_finished: int = DEFAULT_MAX_FINISHED,
     ) -> None:
         super().__init__(
-            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes)
+            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes,
+                                power_safe=False)
         )
         # This sqlite zeroes every freed page by default (secure_delete): each acked
         # 64 KiB envelope was written twice more. FAST still clears what is freed
@@ -119,7 +127,8 @@ class OutboxStore(SqliteStore):
 
     # ------------------------------------------------------------------ write
 
-    def apply(self, outputs: Iterable[Persist | Forget], now: float | None = None) -> None:
+    def apply(self, outputs: Iterable[Persist | Forget], now: float | None = None, *,
+              power_safe: bool = True) -> None:
         """Apply a batch of `Persist`/`Forget` outputs in one durable transaction.
 
         `Persist` stores the entry as it is *now* (a second `Persist` of the same id
@@ -128,35 +137,40 @@ class OutboxStore(SqliteStore):
         same transaction prunes finished statuses now and then. On return the
         whole batch is durable; on any exception none of it was applied (`StorageError`
         for the disk or the file, `TypeError` for an output that is neither).
+
+        `power_safe=False` skips the fsync (the commit still survives kill -9): for
+        batches that hold no new submission, as losing them to a power cut only
+        means a retry or an attempt count that the receiver's dedup absorbs.
         """
         with self._lock:
             conn = self._connection()
             began = False
             try:
-                for output in outputs:
-                    if not began:
-                        conn.execute("BEGIN IMMEDIATE")
-                        began = True
-                    if isinstance(output, Persist):
-                        conn.execute(_UPSERT, _row(output.entry))
-                    elif isinstance(output, Forget):
-                        if output.status is None:
-                            conn.execute("DELETE FROM entries WHERE id = ?", (output.id,))
+                with synchronous_full(conn, power_safe):
+                    for output in outputs:
+                        if not began:
+                            conn.execute("BEGIN IMMEDIATE")
+                            began = True
+                        if isinstance(output, Persist):
+                            conn.execute(_UPSERT, _row(output.entry))
+                        elif isinstance(output, Forget):
+                            if output.status is None:
+                                conn.execute("DELETE FROM entries WHERE id = ?", (output.id,))
+                            else:
+                                conn.execute(_FINISH, (output.status.value, output.code,
+                                                       output.until, output.id))
                         else:
-                            conn.execute(_FINISH, (output.status.value, output.code,
-                                                   output.until, output.id))
-                    else:
-                        raise TypeError(
-                            f"OutboxStore.apply takes Persist and Forget outputs, "
-                            f"not {type(output).__name__}"
-                        )
-                if began and now is not None and now >= self._next_prune:
-                    conn.execute(_PRUNE_OLD, (*_FINAL_STATUSES, now))
-                    conn.execute(_PRUNE_MANY, (*_FINAL_STATUSES, self.max_finished))
-                if began:
-                    conn.execute("COMMIT")
-                    if now is not None and now >= self._next_prune:
-                        self._next_prune = now + PRUNE_INTERVAL
+                            raise TypeError(
+                                f"OutboxStore.apply takes Persist and Forget outputs, "
+                                f"not {type(output).__name__}"
+                            )
+                    if began and now is not None and now >= self._next_prune:
+                        conn.execute(_PRUNE_OLD, (*_FINAL_STATUSES, now))
+                        conn.execute(_PRUNE_MANY, (*_FINAL_STATUSES, self.max_finished))
+                    if began:
+                        conn.execute("COMMIT")
+                        if now is not None and now >= self._next_prune:
+                            self._next_prune = now + PRUNE_INTERVAL
             except sqlite3.Error as exc:
                 rollback(conn)
                 raise storage_error(self.path, "cannot write the outbox", exc) from None

@@ -174,7 +174,7 @@ class Twin:
         async with self._flush_lock:
             store = self._store()
             while (bus := self.bus) is not None:
-                batch = await trio.to_thread.run_sync(store.waiting, 256)
+                batch = store.waiting(256)
                 if not batch:
                     self._has_waiting = False
                     return
@@ -195,7 +195,7 @@ class Twin:
                 return False
             await self._update_statuses([(row.id, "failed", exc.code)])
             return True
-        await trio.to_thread.run_sync(store.handed_over, row.id)
+        store.handed_over(row.id)
         await self._update_statuses([(row.id, "queued", "")])
         return True
 
@@ -225,7 +225,7 @@ class Twin:
         return None
 
     async def _save_contact(self, row: ContactRow) -> None:
-        await trio.to_thread.run_sync(self._store().put_contact, row)
+        self._store().put_contact(row)
         if row.state == "accepted":
             self._accepted_contacts.add(row.twin)
         else:
@@ -234,7 +234,7 @@ class Twin:
     async def _load_screen(self) -> None:
         store = self._store()
         self._contacts_only = await self._contacts_only_setting()
-        rows = await trio.to_thread.run_sync(store.contacts)
+        rows = store.contacts()
         self._accepted_contacts = {row.twin for row in rows if row.state == "accepted"}
 
     async def _chat_arrived(self, bus: BusClient, received: Received) -> None:
@@ -242,14 +242,14 @@ class Twin:
         text = str(received.decode(_rmb.TextMessage)["body"])
         row = ChatRow(received.id, received.source.raw, False, text, time.time(),
                       "received", "")
-        if await trio.to_thread.run_sync(store.add_chat, row):
+        if store.add_chat(row):
             self._emit({"message": await self._chat_entry(row)})
 
     async def _contact_requested(self, bus: BusClient, received: Received) -> None:
         store = self._store()
         fields = received.decode(_rmb.ContactRequest)
         peer = received.source.raw
-        current = await trio.to_thread.run_sync(store.contact, peer)
+        current = store.contact(peer)
         if current is not None and current.state == "accepted":
             # They lost us (or asked twice): confirm again.
             await bus.send(received.source, self._accept_message(), ttl=300.0)
@@ -265,7 +265,7 @@ class Twin:
     async def _contact_accepted(self, received: Received) -> None:
         store = self._store()
         fields = received.decode(_rmb.ContactAccept)
-        current = await trio.to_thread.run_sync(store.contact, received.source.raw)
+        current = store.contact(received.source.raw)
         if current is None or current.state == "accepted":
             return  # we never asked (or already know): nothing to accept
         row = ContactRow(current.twin, current.name or str(fields["name"])[:100], "accepted",
@@ -299,7 +299,7 @@ class Twin:
     async def _update_statuses(self, changes: list[tuple[bytes, str, str]]) -> None:
         store = self._store()
         try:
-            changed = await trio.to_thread.run_sync(store.set_status, changes)
+            changed = store.set_status(changes)
         except StorageError as exc:
             self.log.error("status not recorded", reason=str(exc))
             return
@@ -331,9 +331,9 @@ class Twin:
 
     async def status(self) -> dict[str, Any]:
         store = self._store()
-        waiting = await trio.to_thread.run_sync(store.waiting_count)
-        unread = await trio.to_thread.run_sync(store.unread)
-        contacts = await trio.to_thread.run_sync(store.contacts)
+        waiting = store.waiting_count()
+        unread = store.unread()
+        contacts = store.contacts()
         info = self.identity_info()
         return {"twin": info["twin"], "name": info["name"], "connected": self.bus is not None,
                 "nic": info["nic"], "nicSocket": info["nicSocket"],
@@ -407,7 +407,10 @@ class Twin:
         if waiting is not None:
             row = ChatRow(header.id, peer.raw, True, text, now, "waiting", "")
         try:
-            await trio.to_thread.run_sync(store.add_chat, row, waiting)
+            if waiting is None:
+                store.add_chat(row)
+            else:  # power safe: an fsync, off the event loop
+                await trio.to_thread.run_sync(store.add_chat, row, waiting)
         except StorageError as exc:
             # Not recorded here; if the NIC took it, it is still delivered.
             raise ApiError("overloaded", str(exc)) from None
@@ -421,13 +424,13 @@ class Twin:
             await self.flush_waiting()
         if wait:
             await self._wait_final(header.id, header.deadline + 5.0 - time.time())
-        current = await trio.to_thread.run_sync(store.chat_entry, header.id)
+        current = store.chat_entry(header.id)
         return await self._chat_entry(current or row)
 
     async def _wait_final(self, message_id: bytes, timeout: float) -> None:
         with trio.move_on_after(max(0.0, timeout)):
             async with self.subscribe() as events:
-                entry = await trio.to_thread.run_sync(self._store().chat_entry, message_id)
+                entry = self._store().chat_entry(message_id)
                 if entry is not None and entry.status in _FINAL:
                     return
                 async for event in events:
@@ -440,7 +443,7 @@ class Twin:
         store = self._store()
         key = parse_twin(peer).raw if peer else None
         rows = await trio.to_thread.run_sync(store.chat, key, max(1, min(limit, 10_000)))
-        await trio.to_thread.run_sync(store.mark_read)
+        store.mark_read()
         names = await self._names()
         return [_chat_dict(row, names) for row in rows]
 
@@ -449,7 +452,7 @@ class Twin:
             raw = bytes.fromhex(message_id)
         except ValueError:
             raise ApiError("malformed", f"{message_id!r} is not a message id (hex)") from None
-        entry = await trio.to_thread.run_sync(self._store().chat_entry, raw)
+        entry = self._store().chat_entry(raw)
         if entry is not None and entry.outgoing:
             return {"id": message_id, "status": entry.status, "code": entry.code}
         if self.bus is not None:
@@ -458,7 +461,7 @@ class Twin:
         raise ApiError("unknown", f"no message {message_id} sent by this twin")
 
     async def contacts(self) -> list[dict[str, Any]]:
-        rows = await trio.to_thread.run_sync(self._store().contacts)
+        rows = self._store().contacts()
         return [_contact_dict(row) for row in rows]
 
     async def add_contact(self, twin: str, name: str = "") -> dict[str, Any]:
@@ -467,7 +470,7 @@ class Twin:
         if peer == self.key:
             raise ApiError("malformed", "a twin cannot be its own contact")
         store = self._store()
-        current = await trio.to_thread.run_sync(store.contact, peer.raw)
+        current = store.contact(peer.raw)
         if current is not None and current.state == "pending":
             return await self.accept_contact(twin, name)
         state = current.state if current is not None else "requested"
@@ -483,7 +486,7 @@ class Twin:
     async def accept_contact(self, twin: str, name: str = "") -> dict[str, Any]:
         peer = parse_twin(twin)
         store = self._store()
-        current = await trio.to_thread.run_sync(store.contact, peer.raw)
+        current = store.contact(peer.raw)
         if current is None:
             raise ApiError("unknownTwin", f"{peer.text} has not asked to be a contact")
         row = ContactRow(peer.raw, name[:100] or current.name, "accepted", time.time())
@@ -495,7 +498,7 @@ class Twin:
 
     async def remove_contact(self, twin: str) -> None:
         peer = parse_twin(twin)
-        if not await trio.to_thread.run_sync(self._store().remove_contact, peer.raw):
+        if not self._store().remove_contact(peer.raw):
             raise ApiError("unknownTwin", f"{peer.text} is not a contact")
         self._accepted_contacts.discard(peer.raw)
         self._emit({"contact": {"twin": peer.text, "name": "", "state": "removed",
@@ -508,10 +511,9 @@ class Twin:
                            name: str | None = None) -> dict[str, Any]:
         store = self._store()
         if contacts_only is not None:
-            await trio.to_thread.run_sync(store.set_setting, "contacts_only",
-                                          "1" if contacts_only else "0")
+            store.set_setting("contacts_only", "1" if contacts_only else "0")
         if name is not None:
-            await trio.to_thread.run_sync(store.set_setting, "name", name[:100])
+            store.set_setting("name", name[:100])
         await self._load_screen()
         return await self.settings()
 
@@ -559,15 +561,15 @@ class Twin:
             raise ApiError(exc.code, _reason(exc)) from None
 
     async def _contacts_only_setting(self) -> bool:
-        value = await trio.to_thread.run_sync(self._store().setting, "contacts_only", "0")
+        value = self._store().setting("contacts_only", "0")
         return value == "1"
 
     async def _names(self) -> dict[bytes, str]:
-        rows = await trio.to_thread.run_sync(self._store().contacts)
+        rows = self._store().contacts()
         return {row.twin: row.name for row in rows}
 
     async def _chat_entry(self, row: ChatRow) -> dict[str, Any]:
-        contact = await trio.to_thread.run_sync(self._store().contact, row.peer)
+        contact = self._store().contact(row.peer)
         return _chat_dict(row, {row.peer: contact.name} if contact else {})
 
     def _emit(self, event: dict[str, Any]) -> None:

@@ -6,6 +6,10 @@ transaction per call, StorageError naming the file on any failure). Every commit
 survives a kill -9 of twind; only a commit that records a waiting envelope (the one
 copy of an accepted message) is also made power safe (synchronous=FULL): history,
 statuses and contacts skip that fsync, which is most of the cost of a chat message.
+Without the fsync a call takes tens of microseconds, so the twin calls them directly
+on its event loop; only `add_chat` with a waiting envelope goes to a worker thread.
+(Measured at scale: with a thread hop per call, GIL hand-offs between the loop and
+the workers were most of twind's CPU.)
 
 A chat message the user sends while no NIC takes it is written here, with its sealed
 envelope, before twind answers: if the NIC is down the envelope waits in `waiting`
@@ -16,15 +20,14 @@ the newest `max_history` chat entries.
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from twinmesh.errors import StorageError
-from twinmesh.storage import SqliteStore, open_database, rollback, storage_error
+from twinmesh.storage import SqliteStore, open_database
 
 STORE_KIND = "twinmesh-twin"
 SCHEMA_VERSION = 1
@@ -62,7 +65,6 @@ _SCHEMA = (
     "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT, WITHOUT ROWID",
 )
 
-T = TypeVar("T")
 _CHAT = "id, peer, outgoing, text, at, status, code"
 
 
@@ -233,38 +235,6 @@ class TwinStore(SqliteStore):
     def set_setting(self, key: str, value: str) -> None:
         self._write("save a setting", lambda conn: conn.execute(
             "INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value)))
-
-    # ------------------------------------------------------------- internals
-
-    def _write(self, doing: str, run: Callable[[sqlite3.Connection], T], *,
-               power_safe: bool = False) -> T:
-        with self._lock:
-            conn = self._connection()
-            try:
-                if power_safe:
-                    conn.execute("PRAGMA synchronous = FULL")
-                conn.execute("BEGIN IMMEDIATE")
-                result = run(conn)
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                rollback(conn)
-                raise storage_error(self.path, f"cannot {doing}", exc) from None
-            except BaseException:
-                rollback(conn)
-                raise
-            finally:
-                if power_safe:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("PRAGMA synchronous = NORMAL")
-            return result
-
-    def _read(self, doing: str, run: Callable[[sqlite3.Connection], T]) -> T:
-        with self._lock:
-            conn = self._connection()
-            try:
-                return run(conn)
-            except sqlite3.Error as exc:
-                raise storage_error(self.path, f"cannot {doing}", exc) from None
 
 
 def _chat_row(row: Any) -> ChatRow:
