@@ -19,10 +19,10 @@ for the application: beyond that `accept` raises StorageError("inbox full") and 
 twin answers `overloaded`, so the sender retries later instead of filling the disk.
 
 Durability and errors: one sqlite3 file (mode 0600), write-ahead log, one transaction
-per call. Accepting is power safe (`synchronous=FULL`: an fsync per call, so the
-trio shell calls `accept_many` in a worker thread); every other commit survives a
-kill -9 but skips the fsync (`synchronous=NORMAL`) and takes microseconds, so the
-shell calls it directly: a thread hop costs more than the call. A consumed mark lost
+per call. Accepting is power safe: `synchronous=FULL`, or without it and then
+`twinmesh.group_sync` fsyncs the log (with other twins' logs) before the twin acks;
+every other commit survives a kill -9 but skips the fsync (`synchronous=NORMAL`) and
+takes microseconds, so the shell calls it directly: a thread hop costs more. A consumed mark lost
 to a power cut only offers the message to the application again, which dedups by
 id. A full disk, an I/O error, a read-only or corrupt file raise `StorageError`
 naming the file, with the transaction rolled back. Every method may be called from
@@ -204,18 +204,21 @@ class InboxStore(SqliteStore):
             self._pending += 1
             return True
 
-    def accept_many(self, messages: list[IncomingMessage], now: float) -> list[bool | None]:
+    def accept_many(self, messages: list[IncomingMessage], now: float, *,
+                    power_safe: bool = True) -> list[bool | None]:
         """`accept` for several opened messages in one durable transaction (one fsync
         for a burst instead of one per message), in order: True new, False duplicate
         or expired (as for `accept`), None not stored because `max_pending` messages
         already wait (answer `overloaded`: the sender retries later). Raises
-        StorageError when the disk or file fails; then none of them was stored."""
+        StorageError when the disk or file fails; then none of them was stored.
+        `power_safe=False` skips the fsync: the caller makes the log durable itself
+        (`twinmesh.group_sync`) before it acks."""
         answers: list[bool | None] = []
         with self._lock:
             conn = self._connection()
             pending = self._pending
             try:
-                with synchronous_full(conn):
+                with synchronous_full(conn, power_safe):
                     conn.execute("BEGIN IMMEDIATE")
                     seen_now: set[bytes] = set()
                     for message in messages:

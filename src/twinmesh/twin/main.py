@@ -33,6 +33,7 @@ import trio
 from twinmesh import __version__
 from twinmesh.daemon import lock_state_dir, sole_user_error
 from twinmesh.errors import ConfigError, KeyFileError, StorageError
+from twinmesh.group_sync import GroupSync
 from twinmesh.identity.keystore import ensure_state_dir, load_or_create_identity
 from twinmesh.log import configure_logging
 from twinmesh.twin.control import serve_control
@@ -103,18 +104,21 @@ async def serve_hosted(root: Path, count: int, nics: list[Path]) -> None:
     log = structlog.get_logger("twinmesh.twind")
     ensure_state_dir(root)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        group_sync = GroupSync()  # the twins' inbox fsyncs go in rounds
         async with trio.open_nursery() as nursery:
             for i in range(count):
                 state_dir = ensure_state_dir(root / f"twin-{i:04d}")
                 preferred = i % len(nics)
-                await _start_twin(nursery, state_dir, nics[preferred:] + nics[:preferred])
+                await _start_twin(nursery, state_dir, nics[preferred:] + nics[:preferred],
+                                  group_sync=group_sync)
             log.info("twind ready", twins=count, state_root=str(root), nics=len(nics))
             await _until_signal(signals, nursery, log)
 
 
-async def _start_twin(nursery: trio.Nursery, state_dir: Path, nics: list[Path]) -> Twin:
+async def _start_twin(nursery: trio.Nursery, state_dir: Path, nics: list[Path], *,
+                      group_sync: GroupSync | None = None) -> Twin:
     identity = load_or_create_identity(state_dir, KEY_FILE)
-    twin = Twin(identity, state_dir, nics)
+    twin = Twin(identity, state_dir, nics, group_sync=group_sync)
     await nursery.start(twin.run)
     await nursery.start(serve_control, twin, state_dir / CONTROL_SOCKET)
     return twin

@@ -36,6 +36,7 @@ from twinmesh.bus.client import BusClient, BusError, Received
 from twinmesh.bus.crypto import MAX_PAYLOAD, MAX_TTL, TwinCrypto
 from twinmesh.bus.inbox_store import InboxStore
 from twinmesh.errors import ApiError, StorageError
+from twinmesh.group_sync import GroupSync
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.twin.store import ChatRow, ContactRow, TwinStore, WaitingRow
 from twinmesh.wire import schemas
@@ -68,7 +69,8 @@ _ERROR_ID = _rmb.ErrorBody.schema.node.id
 
 
 class Twin:
-    def __init__(self, identity: Identity, state_dir: Path, nics: list[Path]) -> None:
+    def __init__(self, identity: Identity, state_dir: Path, nics: list[Path], *,
+                 group_sync: GroupSync | None = None) -> None:
         if not nics:
             raise ValueError("a twin needs at least one NIC socket")
         self.identity = identity
@@ -76,6 +78,8 @@ class Twin:
         self.state_dir = state_dir  # immutable after construction
         self.nics = list(nics)  # the NICs to try, preferred first; changed by `move`
         self.crypto = TwinCrypto(identity)
+        # One per process: the inbox fsyncs of all its twins go in rounds.
+        self.group_sync = group_sync if group_sync is not None else GroupSync()
         self.store: TwinStore | None = None
         self.inbox_store: InboxStore | None = None
         self.bus: BusClient | None = None  # set while attached
@@ -124,7 +128,8 @@ class Twin:
             try:
                 with trio.CancelScope() as self._session_scope:
                     async with BusClient.connect(self.identity, nic, inbox=self.inbox_store,
-                                                 accepted=ACCEPTED) as bus:
+                                                 accepted=ACCEPTED,
+                                                 group_sync=self.group_sync) as bus:
                         failures, delay = 0, RECONNECT_INITIAL
                         await self._attached_session(bus, nic)
             except Exception as exc:  # whatever broke, the twin reconnects

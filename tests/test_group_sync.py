@@ -1,0 +1,89 @@
+"""GroupSync: many stores' fsyncs in few rounds; a failing file is named, the others
+in its round still return."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from twinmesh.errors import StorageError
+from twinmesh.group_sync import GroupSync
+
+
+def _wal_database(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    return conn
+
+
+async def test_concurrent_callers_share_rounds(tmp_path: Path) -> None:
+    paths = [tmp_path / f"store-{i}.sqlite3" for i in range(20)]
+    conns = [_wal_database(p) for p in paths]
+    try:
+        for conn in conns:
+            conn.execute("INSERT INTO t VALUES (1)")
+        group = GroupSync()
+        returned: list[Path] = []
+
+        async def one(path: Path) -> None:
+            await group.sync(path)
+            returned.append(path)
+
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(one, path)
+        assert sorted(returned) == sorted(paths)
+        # Callers that ask while a round is being set up or runs share one: 20
+        # callers, at most 2 thread hops (the first may run alone).
+        assert group.files == 20
+        assert group.rounds <= 2
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+async def test_a_file_that_cannot_be_synced_is_named_and_the_others_return(
+        tmp_path: Path) -> None:
+    good = tmp_path / "good.sqlite3"
+    conn = _wal_database(good)
+    missing = tmp_path / "gone" / "inbox.sqlite3"  # no log file: open fails
+    group = GroupSync()
+    outcomes: dict[str, str] = {}
+
+    async def one(name: str, path: Path) -> None:
+        try:
+            await group.sync(path)
+            outcomes[name] = "ok"
+        except StorageError as exc:
+            outcomes[name] = str(exc)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "first", good)
+            nursery.start_soon(one, "good", good)
+            nursery.start_soon(one, "missing", missing)
+    finally:
+        conn.close()
+    assert outcomes["first"] == outcomes["good"] == "ok"
+    assert outcomes["missing"].startswith(f"{missing}: cannot make the commit durable:")
+    assert "\n" not in outcomes["missing"]
+
+
+async def test_later_callers_are_not_answered_by_an_earlier_round(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    conn = _wal_database(path)
+    group = GroupSync()
+    try:
+        await group.sync(path)
+        (path.parent / "store.sqlite3-wal").rename(tmp_path / "moved")
+        # A new round runs for the new call (and sees the log is gone).
+        with pytest.raises(StorageError, match="cannot make the commit durable"):
+            await group.sync(path)
+        assert group.rounds == 2
+    finally:
+        conn.close()
