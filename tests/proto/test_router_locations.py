@@ -85,3 +85,18 @@ def test_a_new_neighbour_hears_every_location_in_the_full_dump() -> None:
     line.push(late.public, router.neighbor_up(b, line.now))
     line.settle()
     assert router.locate(twin.public, line.now) == a
+
+
+def test_routine_full_dumps_resend_records_only_at_the_location_refresh() -> None:
+    line = Line(2)
+    a, b = line.keys
+    twin = Identity.generate()
+    line.push(a, line.routers[a].publish_location(
+        Location.sign(twin, a, 1, 1000.0 + 3600), line.now))
+    line.settle()
+    line.routers[b].directory.records.clear()  # as if b had missed the flood
+    refresh = line.routers[a].config.location_refresh_interval
+    line.settle(refresh - 10.0)  # many routine full dumps (routes only) meanwhile
+    assert line.routers[b].locate(twin.public, line.now) is None
+    line.settle(20.0)
+    assert line.routers[b].locate(twin.public, line.now) == a

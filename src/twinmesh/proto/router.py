@@ -126,6 +126,10 @@ Output = SendTo | Delivered | PongReceived | Unreachable | Violation
 class RouterConfig:
     update_delay: float = 0.02  # coalesce triggered updates for this long
     full_update_interval: float = 20.0  # resend the whole table to every neighbour
+    # Resend every location record this often (a new neighbour gets them at once).
+    # Records are only a fast path: a NIC that missed one finds it in the DHT, and
+    # with 1000 twins resending them all every 20 s was ~10 % of an idle NIC's CPU.
+    location_refresh_interval: float = 300.0
     route_hold: float = 70.0  # drop a route not refreshed for this long
     reannounce_interval: float = 60.0  # new own seqno (so old ones age out)
     min_reannounce: float = 0.05  # at most one own re-signing per this interval
@@ -209,6 +213,7 @@ class Router:
         self._dirty: set[PublicKey] = set()
         self._flush_at: float | None = None
         self._full_at = now + self.config.full_update_interval
+        self._locations_at = now + self.config.location_refresh_interval
         self._reannounce_at = now + self.config.reannounce_interval
         # The sweep that expires routes also expires and retries seqno requests.
         self._expire_at = now + min(self.config.route_hold / 4, self.config.request_hold)
@@ -450,13 +455,14 @@ class Router:
             self._note_advertised(origin)
         return out
 
-    def _full_dump(self, peers: Iterable[PublicKey], now: float) -> list[Output]:
+    def _full_dump(self, peers: Iterable[PublicKey], now: float, *,
+                   locations: bool = True) -> list[Output]:
         out: list[Output] = []
         peers = list(peers)
-        locations = self.directory.live(now + self.wall_offset)
+        records = self.directory.live(now + self.wall_offset) if locations else []
         for peer in peers:
-            for start in range(0, len(locations), self.config.max_batch):
-                chunk = locations[start : start + self.config.max_batch]
+            for start in range(0, len(records), self.config.max_batch):
+                chunk = records[start : start + self.config.max_batch]
                 out.append(self._routing_to(peer, locations=chunk))
         for peer in peers:
             origins = [self.key] + [
@@ -675,7 +681,10 @@ class Router:
         if now >= self._full_at:
             self._full_at = now + self.config.full_update_interval
             self._dirty.discard(self.key)
-            out.extend(self._full_dump(list(self._neighbors), now))
+            locations = now >= self._locations_at
+            if locations:
+                self._locations_at = now + self.config.location_refresh_interval
+            out.extend(self._full_dump(list(self._neighbors), now, locations=locations))
         if self._flush_at is not None and now >= self._flush_at:
             out.extend(self._flush(now))
         return out
