@@ -582,8 +582,11 @@ class BusClient:
                         if new:
                             self._queued.add(opened.header.id)  # handed out from memory
             except StorageError as exc:
-                # Not stored, so not acked: the sender's NIC retries later.
+                # Not acked: the sender's NIC retries later. If the commit went in but
+                # its fsync failed, the retry is a duplicate; the store still offers
+                # the message to `receive()` (pending, not yet handed out).
                 self.log.warning("inbox refused messages", reason=str(exc), count=len(keep))
+                self._spilled = True
                 checked = [item for item in checked if item[2] is not None]
                 keep, news = [], []
         answers = iter(news)
