@@ -1,9 +1,12 @@
 """sqlite3 stores: one way to open, check, and fail (the outbox, the inbox, ...).
 
-Every store is one file created with mode 0600, in WAL mode with synchronous=FULL (a
-commit that returned survives kill -9), with a `schema_version` table naming the kind
-of store and its version. Every failure becomes a one-line StorageError naming the
-file; a failed transaction is rolled back so the store stays usable.
+Every store is one file created with mode 0600, in WAL mode, with a `schema_version`
+table naming the kind of store and its version. Commits run with synchronous=NORMAL
+(one that returned survives kill -9, no fsync: tens of microseconds, so the trio
+shells call them inline); the commits that must also survive a power cut say so
+(`synchronous_full`, or `twinmesh.group_sync` after the commit) and run their fsync
+off the event loop. Every failure becomes a one-line StorageError naming the file; a
+failed transaction is rolled back so the store stays usable.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ T = TypeVar("T")
 
 
 class SqliteStore:
-    """What every store shares: one connection, used only under one lock (the trio
-    shells call stores from worker threads), closed once. Subclasses open it."""
+    """What every store shares: one connection, used only under one lock (calls come
+    from the event loop and, for fsync'ed commits, from worker threads), closed once.
+    Subclasses open it."""
 
     kind = "store"  # named in errors: "the outbox store is closed"
 
@@ -59,8 +63,7 @@ class SqliteStore:
     def _write(self, doing: str, run: Callable[[sqlite3.Connection], T], *,
                power_safe: bool = False) -> T:
         """`run` in one transaction; StorageError("cannot {doing}") on failure, rolled
-        back. For a store opened with power_safe=False, `power_safe=True` makes this
-        one commit synchronous=FULL (an fsync) and the others skip it."""
+        back. `power_safe=True` makes this one commit synchronous=FULL (an fsync)."""
         with self._lock:
             conn = self._connection()
             try:
@@ -87,14 +90,11 @@ class SqliteStore:
 
 def open_database(
     path: Path, kind: str, version: int, schema: tuple[str, ...], *,
-    max_bytes: int | None = None, power_safe: bool = True,
+    max_bytes: int | None = None,
 ) -> sqlite3.Connection:
-    """Open (creating with mode 0600) a store file of `kind`, WAL, synchronous=FULL.
-
-    `power_safe=False` uses synchronous=NORMAL: a commit still survives the process
-    being killed (the log is in the kernel's cache), but the last commits may be lost
-    if the machine loses power. Only for stores whose every entry also lives somewhere
-    that is power safe or can be asked for again.
+    """Open (creating with mode 0600) a store file of `kind`, WAL, synchronous=NORMAL:
+    a commit survives the process being killed (the log is in the kernel's cache), but
+    the last ones may be lost if the machine loses power unless made power safe.
 
     Raises StorageError naming the file when it cannot be created or opened, is not a
     database, is corrupt, or holds another kind of store or a newer schema.
@@ -110,7 +110,7 @@ def open_database(
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode != "wal":
             raise StorageError(f"{path}: cannot use a write-ahead log (journal mode {mode})")
-        conn.execute(f"PRAGMA synchronous = {'FULL' if power_safe else 'NORMAL'}")
+        conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA journal_size_limit = 16777216")  # shrink the log after bursts
         if max_bytes is not None:
             (page_size,) = conn.execute("PRAGMA page_size").fetchone()
@@ -186,7 +186,7 @@ def _check_schema(
 
 @contextlib.contextmanager
 def synchronous_full(conn: sqlite3.Connection, enabled: bool = True) -> Iterator[None]:
-    """Commits inside are power safe (fsync) on a connection opened power_safe=False."""
+    """Commits inside are power safe (fsync); `enabled=False` changes nothing."""
     if not enabled:
         yield
         return

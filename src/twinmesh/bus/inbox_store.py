@@ -130,8 +130,7 @@ class InboxStore(SqliteStore):
         if grace < 0 or max_pending < 1 or max_history < 0:
             raise ValueError("grace and max_history must be >= 0 and max_pending >= 1")
         super().__init__(
-            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes,
-                                power_safe=False)
+            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes)
         )
         # Immutable after construction.
         self.grace = grace

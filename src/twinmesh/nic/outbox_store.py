@@ -23,8 +23,9 @@ Errors: anything the disk or the file does wrong (full, I/O error, read-only,
 corrupt) raises `StorageError` with one line naming the file, after rolling the
 transaction back, so the shell can answer `overloaded` and keep running.
 
-Threads: the trio shell calls every method through `trio.to_thread.run_sync`, from
-one task. The connection may be used from any thread; a lock serialises the calls.
+Threads: the trio shell calls `apply` from one task, in a worker thread when the
+batch is power safe (the fsync) and inline otherwise. The connection may be used from
+any thread; a lock serialises the calls.
 """
 
 from __future__ import annotations
@@ -114,8 +115,7 @@ class OutboxStore(SqliteStore):
         max_finished: int = DEFAULT_MAX_FINISHED,
     ) -> None:
         super().__init__(
-            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes,
-                                power_safe=False)
+            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes)
         )
         # This sqlite zeroes every freed page by default (secure_delete): each acked
         # 64 KiB envelope was written twice more. FAST still clears what is freed

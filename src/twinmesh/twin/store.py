@@ -100,8 +100,7 @@ class TwinStore(SqliteStore):
 
     def __init__(self, path: Path, *, max_waiting: int = DEFAULT_MAX_WAITING,
                  max_history: int = DEFAULT_MAX_HISTORY) -> None:
-        super().__init__(path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA,
-                                             power_safe=False))
+        super().__init__(path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA))
         self.max_waiting = max_waiting
         self.max_history = max_history
 
