@@ -578,6 +578,64 @@ def test_traffic_keeps_the_link_alive() -> None:
     assert all(rtt == 0.0 for rtt in rtts)  # delivered instantly in logical time
 
 
+def run_both(a: Link, b: Link, until: float, start: float = 0.0,
+             send_every: float | None = None) -> list[RttMeasured]:
+    """Drive both ends' timers (and, with `send_every`, data from a) to `until`."""
+    now, next_data, rtts = start, start, []
+
+    def timer(link: Link) -> float:
+        due = link.get_timer()
+        assert due is not None
+        return due
+
+    while True:
+        now = min(timer(a), timer(b), next_data if send_every is not None else until + 1)
+        if now > until:
+            return rtts
+        if send_every is not None and now >= next_data:
+            a.send_data(b"reading", now)
+            next_data = now + send_every
+        # One end at a time, each followed by delivery: as with any real latency, the
+        # other end has seen the frame before its own timer for the same instant runs.
+        for link in (a, b):
+            if timer(link) <= now:
+                assert downs(link.handle_timer(now)) == []
+            events_a, events_b = pump(a, b, now)
+            assert downs(events_a + events_b) == []
+            rtts += [e for e in events_a + events_b if isinstance(e, RttMeasured)]
+
+
+def test_an_idle_link_carries_one_keepalive_and_one_ack_per_interval() -> None:
+    config = LinkConfig(keepalive_interval=0.5, dead_after=2.0, rtt_interval=5.0)
+    a, b = up_pair(now=0.0, config=config)
+    before = a.stats.frames_out + b.stats.frames_out
+    rtts = run_both(a, b, until=20.0)
+    # 40 intervals: 40 keepalives + 40 acks, and a few more for the RTT of the side
+    # that only answers. Both sides keeping their own keepalive would send 160.
+    sent = a.stats.frames_out + b.stats.frames_out - before
+    assert 80 <= sent <= 90
+    assert a.rtt is not None and b.rtt is not None  # both ends still measure an RTT
+    assert len(rtts) >= 40
+
+
+def test_a_link_busy_with_data_sends_no_keepalives_of_its_own() -> None:
+    config = LinkConfig(keepalive_interval=0.5, dead_after=2.0, rtt_interval=5.0)
+    a, b = up_pair(now=0.0, config=config)
+    sent_before = a.stats.frames_out
+    run_both(a, b, until=20.0, send_every=0.1)
+    data_frames = 200
+    # Alice's frames: her data, the acks of Bob's keepalives (he sends nothing else),
+    # and one keepalive per rtt_interval. Nothing else.
+    extra = a.stats.frames_out - sent_before - data_frames
+    assert 0 < extra <= 40 + 4 + 1
+    assert a.is_up and b.is_up
+
+
+def test_rtt_interval_must_not_be_shorter_than_the_keepalive_interval() -> None:
+    with pytest.raises(ValueError, match="rtt_interval"):
+        LinkConfig(keepalive_interval=1.0, dead_after=3.0, rtt_interval=0.5)
+
+
 def test_timer_is_none_once_closed() -> None:
     a, _b = up_pair()
     a.close("bye", now=1.0)

@@ -29,6 +29,13 @@ Session frames carry an explicit 8-byte counter, which is also the AEAD nonce. T
 carriers are ordered and reliable, so the receiver demands exactly the next counter:
 a replayed, reordered, dropped or tampered frame closes the link.
 
+Liveness: a side that has sent nothing for `keepalive_interval` sends a keepalive,
+which the peer answers at once with an ack. Since any frame sent (data, an ack)
+pushes the next keepalive out, an idle link carries one keepalive and one ack per
+interval, not two of each, and a busy one none; the acks measure the RTT, and every
+side sends a keepalive at least each `rtt_interval` so that both keep a fresh one.
+A side that has received nothing for `dead_after` declares the link dead.
+
 Errors never escape `receive_data` or `handle_timer`: they become a `LinkDown` event
 whose `error` is a `RemoteProtocolError` (or None for a clean close or a timeout),
 and any goodbye the peer should see (a `Refuse`, a `Close`) is queued for sending.
@@ -124,10 +131,13 @@ class LinkConfig:
     keepalive_interval: float = 0.4
     dead_after: float = 1.5  # a silent cut is rerouted within the 2 s goal
     handshake_timeout: float = 5.0
+    rtt_interval: float = 5.0  # a keepalive at least this often, for a fresh RTT
 
     def __post_init__(self) -> None:
         if self.dead_after <= self.keepalive_interval:
             raise ValueError("dead_after must be longer than keepalive_interval")
+        if self.rtt_interval < self.keepalive_interval:
+            raise ValueError("rtt_interval must be at least keepalive_interval")
         if self.max_frame < MIN_MAX_FRAME:
             raise ValueError(f"max_frame must be at least {MIN_MAX_FRAME} bytes")
 
@@ -186,6 +196,7 @@ class Link:
         self._confirmed = False
         self._last_received = now
         self._next_keepalive = now
+        self._next_rtt = now
         self._keepalive_seq = 0
         self._hs: _Handshake | None = _new_handshake()
         if initiator:
@@ -227,7 +238,7 @@ class Link:
             )
         message = _link.LinkMessage.new_message()
         message.data = payload
-        self._send_message(message)
+        self._send_message(message, now)
 
     def close(self, reason: str, now: float) -> list[Event]:
         """Close the link, telling the peer why if the session is up."""
@@ -236,7 +247,7 @@ class Link:
         if self._keys is not None and self._confirmed:
             message = _link.LinkMessage.new_message()
             message.init("close").reason = reason[:200]
-            self._send_message(message)
+            self._send_message(message, now)
         return self._go_down(LinkDown(DownKind.CLOSED_LOCALLY, reason), [])
 
     def data_to_send(self) -> bytes:
@@ -258,7 +269,8 @@ class Link:
             return None
         if not self._confirmed:
             return self._started + self.config.handshake_timeout
-        return min(self._next_keepalive, self._last_received + self.config.dead_after)
+        return min(self._next_keepalive, self._next_rtt,
+                   self._last_received + self.config.dead_after)
 
     def handle_timer(self, now: float) -> list[Event]:
         """Send keepalives and detect a dead peer. Afterwards call `data_to_send()`."""
@@ -279,7 +291,7 @@ class Link:
             return self._go_down(
                 LinkDown(DownKind.TIMEOUT, f"link dead: nothing received for {silent:.1f} s"), []
             )
-        if now >= self._next_keepalive:
+        if now >= self._next_keepalive or now >= self._next_rtt:
             self._send_keepalive(now)
         return []
 
@@ -459,7 +471,7 @@ class Link:
             reply = _link.LinkMessage.new_message()
             ack = reply.init("keepaliveAck")
             ack.sentAt, ack.seq = value
-            self._send_message(reply)
+            self._send_message(reply, now)
         elif which == "keepaliveAck":
             sent_at, _seq = value
             if 0.0 <= now - sent_at <= self.config.handshake_timeout + self.config.dead_after:
@@ -477,10 +489,14 @@ class Link:
         keepalive.sentAt = now
         keepalive.seq = self._keepalive_seq
         self._keepalive_seq = (self._keepalive_seq + 1) & 0xFFFFFFFF
-        self._next_keepalive = now + self.config.keepalive_interval
-        self._send_message(message)
+        self._next_rtt = now + self.config.rtt_interval
+        self._send_message(message, now)
 
-    def _send_message(self, message: Any) -> None:
+    def _send_message(self, message: Any, now: float) -> None:
+        # Anything sent tells the peer we are alive, so the keepalive waits a full
+        # interval after it: a link busy with data, or answering the peer's keepalives,
+        # sends none of its own (half the idle frames and wake-ups of both sending).
+        self._next_keepalive = now + self.config.keepalive_interval
         keys = self._keys
         assert keys is not None
         counter = keys.send_counter
