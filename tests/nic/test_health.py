@@ -17,16 +17,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from twinmesh.errors import ConfigError, RemoteProtocolError
+from twinmesh.identity.keys import KEY_SIZE, Identity
 from twinmesh.nic import health
 from twinmesh.nic.health import (
     MAX_HEAD,
     PROMETHEUS_CONTENT_TYPE,
     Metric,
+    dht_metrics,
     find_head_end,
     parse_request_head,
     render_prometheus,
     serve_health,
 )
+from twinmesh.proto.attach import Location
+from twinmesh.proto.dht import Dht, DhtConfig
+from twinmesh.wire import schemas
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -481,3 +486,56 @@ def test_module_constants_match_the_brief() -> None:
     assert health.MAX_HEAD == 8 * 1024
     assert health.HEAD_TIMEOUT == 5.0
     assert health.MAX_CONNECTIONS == 64
+
+
+# --- the DHT's figures ------------------------------------------------------------------------
+
+WALL = 1_800_000_000.0
+ME = Identity(b"\x01" * KEY_SIZE).public
+PEER = Identity(b"\x02" * KEY_SIZE).public
+
+
+def store_request(location: Location) -> bytes:
+    message = schemas.dht.DhtMessage.new_message()
+    message.requestId = 9
+    location.fill(message.init("store"))
+    return bytes(message.to_bytes())
+
+
+def test_dht_counters_and_gauges_render() -> None:
+    core = Dht(ME, now=0.0, config=DhtConfig(k=4, alpha=2), wall_offset=WALL)
+    core.add_contact(PEER, 0.0)  # the bootstrap lookup asks PEER, who never answers
+    twin = Identity.generate()
+    core.receive(PEER, store_request(Location.sign(twin, PEER, 1, WALL + 3600)), 0.5)
+    core.receive(PEER, b"garbage", 0.5)
+    core.handle_timer(5.0)
+    families = parse_exposition(render_prometheus(dht_metrics(core)))
+    assert families["twinmesh_dht_messages_total"] == {
+        "help": "DHT messages received from and sent to other NICs.",
+        "type": "counter",
+        "samples": [({"direction": "in"}, 2.0), ({"direction": "out"}, 2.0)],
+    }
+    assert families["twinmesh_dht_queries_timed_out_total"]["samples"] == [({}, 1.0)]
+    assert families["twinmesh_dht_stores_total"]["samples"] == [
+        ({"result": "accepted"}, 1.0), ({"result": "refused"}, 0.0)]
+    assert families["twinmesh_dht_malformed_total"]["samples"] == [({}, 1.0)]
+    assert families["twinmesh_dht_lookups_total"]["samples"] == [({}, 1.0)]
+    gauges = {name: family["samples"] for name, family in families.items()
+              if family["type"] == "gauge"}
+    assert gauges == {
+        "twinmesh_dht_contacts": [({}, 1.0)],
+        "twinmesh_dht_lookups_running": [({}, 0.0)],
+        "twinmesh_dht_store_lookups_running": [({}, 0.0)],
+        "twinmesh_dht_store_lookups_waiting": [({}, 0.0)],
+        "twinmesh_dht_records": [({}, 1.0)],
+        "twinmesh_dht_own_records": [({}, 0.0)],
+    }
+
+
+def test_every_dht_counter_is_on_metrics() -> None:
+    core = Dht(ME, now=0.0, wall_offset=WALL)
+    for n, key in enumerate(core.stats):
+        core.stats[key] = 1000 + n
+    shown = {value for metric in dht_metrics(core) if metric.kind == "counter"
+             for _, value in metric.samples}
+    assert shown == {float(1000 + n) for n in range(len(core.stats))}

@@ -144,3 +144,21 @@ async def test_messages_reach_a_twin_the_flooded_directory_does_not_know(
             received = await b_bus.receive()
             assert received.id == message_id
             assert core.stats["lookups_found"] >= 1
+
+
+async def test_the_nics_metrics_show_the_dht(tmp_path: Path) -> None:
+    bob = Identity.generate()
+    with trio.fail_after(30):
+        async with (
+            bus_line(tmp_path, ["a", "b"]) as n,
+            BusClient.connect(bob, tmp_path / "b"),
+        ):
+            await dht_holds(list(n.values()), bob.public, 0)
+            metrics = {m.name: m for m in n["b"].nic.metrics()}
+            assert metrics["twinmesh_links_up"].samples == [({}, 1.0)]  # the NIC's own
+            assert metrics["twinmesh_dht_own_records"].samples == [({}, 1.0)]
+            assert metrics["twinmesh_dht_contacts"].samples == [({}, 1.0)]
+            messages = dict((labels["direction"], value) for labels, value in
+                            metrics["twinmesh_dht_messages_total"].samples)
+            assert messages["in"] >= 1 and messages["out"] >= 1
+            assert metrics["twinmesh_dht_store_lookups_total"].samples[0][1] >= 1

@@ -1,7 +1,8 @@
 """The DHT core on a fake clock: records kept and refused, lookups, dead NICs, bounds.
 
 `Mesh` joins cores directly (every message arrives `LATENCY` later unless its
-destination is dead) and steps a virtual clock through messages and `get_timer()`.
+destination is dead or it is lost, a `loss` fraction of them) and steps a virtual
+clock through messages and `get_timer()`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ CONFIG = DhtConfig(k=4, alpha=2, value_quorum=2, query_timeout=0.5, lookup_timeo
 
 
 class Mesh:
-    def __init__(self, size: int, *, seed: int = 1, config: DhtConfig = CONFIG) -> None:
+    def __init__(self, size: int, *, seed: int = 1, config: DhtConfig = CONFIG,
+                 loss: float = 0.0) -> None:
         rng = random.Random(seed)
+        self.loss = loss
+        self._loss_rng = random.Random(seed)
         self.keys = [Identity(rng.randbytes(KEY_SIZE)).public for _ in range(size)]
         self.cores = [Dht(key, now=0.0, config=config, wall_offset=WALL,
                           rng=random.Random(i)) for i, key in enumerate(self.keys)]
@@ -42,6 +46,8 @@ class Mesh:
         for output in outputs:
             if isinstance(output, SendDht):
                 self.sent += 1
+                if self.loss and self._loss_rng.random() < self.loss:
+                    continue
                 self._seq += 1
                 heapq.heappush(self._queue, (self.now + LATENCY, self._seq, node,
                                              self.index[output.nic], output.data))
@@ -54,9 +60,10 @@ class Mesh:
         self.handle(a, self.cores[a].add_contact(self.keys[b], self.now))
         self.handle(b, self.cores[b].add_contact(self.keys[a], self.now))
 
-    def run(self, seconds: float) -> None:
+    def run(self, seconds: float, budget: float = float("inf")) -> None:
+        """Run `seconds` of virtual time, or until `budget` messages were sent."""
         until = self.now + seconds
-        while True:
+        while self.sent <= budget:
             live = [i for i in range(len(self.cores)) if i not in self.dead]
             timer = min(self.cores[i].get_timer() for i in live)
             message = self._queue[0][0] if self._queue else float("inf")
@@ -390,3 +397,104 @@ def test_nics_answering_with_endless_new_keys_cannot_grow_a_lookup() -> None:
     assert done.location is None
     assert done.queried <= 16 * CONFIG.k
     assert core.stats["candidates_ignored"] > 0
+
+
+# ------------------------------------------------------------------ overload
+
+
+def restores_allowed(config: DhtConfig, seconds: float) -> int:
+    """How many restores of one record the backoff lets start within `seconds`."""
+    attempts, at, wait = 0, config.restore_delay, config.restore_interval
+    while at <= seconds:
+        attempts += 1
+        at += wait
+        wait = min(2 * wait, config.restore_max_interval)
+    return attempts
+
+
+def test_lost_messages_and_flapping_routes_do_not_multiply_stores() -> None:
+    """An overloaded mesh: 30% of the DHT messages are lost (queries time out, stores
+    end on fewer than k replicas, contacts are evicted and learned again), routes
+    flap, and contacts are still arriving while 100 twins publish. Store lookups are
+    publishes plus restores spaced by the backoff, so the DHT's traffic stays within
+    what they cost; it used to grow without end (every contact learned again
+    re-stored every thin record)."""
+    config = DhtConfig()  # k = 12: in 20 NICs, stores that lose messages end thin
+    size, seconds = 20, 180.0
+    mesh = Mesh(size, seed=5, config=config, loss=0.3)
+    rng = random.Random(5)
+    pairs = [(i, j) for i in range(size) for j in range(i + 1, size)]
+    rng.shuffle(pairs)
+    later = pairs[: len(pairs) // 2]  # the other half comes up during the first
+    for pair in pairs[len(pairs) // 2:]:  # minute, one link per step
+        mesh.link(*pair)
+    twins = [Identity(rng.randbytes(KEY_SIZE)) for _ in range(5 * size)]
+    for n, twin in enumerate(twins):
+        assert mesh.publish(n % size, record(twin, mesh.keys[n % size], 1)) == ""
+    lookups = size + len(twins) * (1 + restores_allowed(config, seconds))  # bootstraps too
+    # A store lookup asks at most the other NICs and stores on k; each message answered.
+    budget = lookups * 2 * (size - 1 + config.k)
+    flapped: tuple[int, int] | None = None
+    while mesh.now < seconds and mesh.sent <= budget:
+        if later:
+            mesh.link(*later.pop())
+        if flapped is not None:
+            mesh.handle(flapped[0], mesh.cores[flapped[0]].add_contact(
+                mesh.keys[flapped[1]], mesh.now))
+        a, b = rng.sample(range(size), 2)
+        mesh.cores[a].forget_contact(mesh.keys[b])  # the route went away ...
+        flapped = (a, b)  # ... and comes back at the next step
+        mesh.run(0.5, budget)
+    assert sum(core.stats["lookups"] for core in mesh.cores) <= lookups
+    assert mesh.sent <= budget
+    assert sum(core.stats["queries_timed_out"] for core in mesh.cores) > 0
+    assert sum(core.stats["contacts_evicted"] for core in mesh.cores) > 0
+
+
+def test_a_record_stored_while_few_nics_were_known_reaches_k_replicas_as_nics_join() -> None:
+    mesh = Mesh(16)
+    twin = Identity.generate()
+    mesh.link(0, 1)
+    mesh.run(1.0)
+    mesh.publish(0, record(twin, mesh.keys[0], 1))
+    mesh.run(1.0)
+    assert len(mesh.holders(twin.public)) < CONFIG.k  # NICs 0 and 1 only
+    for i in range(2, 16):  # one NIC joins every few seconds, next to the last one
+        mesh.link(i - 1, i)
+        mesh.run(4.0)
+    mesh.run(CONFIG.restore_max_interval + 5)
+    # Long before a republish (`republish_interval`): the restores moved it.
+    assert len(mesh.holders(twin.public)) >= CONFIG.k
+
+
+def test_lookups_run_while_many_stores_wait_their_turn() -> None:
+    config = DhtConfig(k=4, alpha=2, max_lookups=8, max_store_lookups=2)
+    mesh = Mesh(10, config=config)
+    for i in range(10):
+        mesh.link(i, (i + 1) % 10)
+    mesh.run(10.0)
+    known = Identity.generate()
+    mesh.publish(3, record(known, mesh.keys[3], 1))
+    mesh.run(5.0)
+    core = mesh.cores[0]
+    twins = [Identity.generate() for _ in range(40)]
+    for twin in twins:
+        mesh.publish(0, record(twin, mesh.keys[0], 1))
+    state = core.statistics()
+    assert state.store_lookups_running == 2
+    assert state.store_lookups_waiting == 38
+    # A find started now is not refused as busy: it asks NICs at once.
+    lookup_id, outputs = core.find(known.public, mesh.now)
+    assert any(isinstance(o, SendDht) for o in outputs)
+    mesh.handle(0, outputs)
+    mesh.run(10.0)
+    assert mesh.done[(0, lookup_id)].location is not None
+    assert mesh.done[(0, lookup_id)].reason == ""
+    # The waiting stores all ran in the end.
+    assert core.statistics().store_lookups_waiting == 0
+    assert all(len(mesh.holders(t.public)) >= 2 for t in twins)
+
+
+def test_store_lookups_must_leave_room_for_finds() -> None:
+    with pytest.raises(LocalProtocolError):
+        Dht(NIC, now=0.0, config=DhtConfig(max_lookups=4, max_store_lookups=4))

@@ -29,13 +29,16 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import urlsplit
 
 import trio
 
 from twinmesh.errors import ConfigError, RemoteProtocolError
 from twinmesh.log import get_logger
+
+if TYPE_CHECKING:
+    from twinmesh.proto.dht import Dht
 
 log = get_logger(component="health")
 
@@ -153,6 +156,68 @@ def _format_value(value: float) -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     return repr(value)
+
+
+# --- the DHT's figures (twin lookups) --------------------------------------------------
+
+# Each counter family: name, help, and the `Dht.stats` keys it shows with their labels.
+_DHT_COUNTERS: tuple[tuple[str, str, tuple[tuple[str, dict[str, str]], ...]], ...] = (
+    ("twinmesh_dht_messages_total", "DHT messages received from and sent to other NICs.",
+     (("messages_in", {"direction": "in"}), ("messages_out", {"direction": "out"}))),
+    ("twinmesh_dht_queries_timed_out_total", "DHT queries and stores left unanswered.",
+     (("queries_timed_out", {}),)),
+    ("twinmesh_dht_lookups_total", "DHT lookups started (finds, stores, refreshes).",
+     (("lookups", {}),)),
+    ("twinmesh_dht_lookups_found_total", "Twin lookups that found a record.",
+     (("lookups_found", {}),)),
+    ("twinmesh_dht_store_lookups_total",
+     "Lookups that stored a record of a twin attached here (publish, republish, restore).",
+     (("store_lookups", {}),)),
+    ("twinmesh_dht_restores_total",
+     "Store lookups started because more NICs became known while a record was thin.",
+     (("restores", {}),)),
+    ("twinmesh_dht_stores_total", "Records other NICs asked this NIC to keep, by result.",
+     (("stores_accepted", {"result": "accepted"}), ("stores_refused", {"result": "refused"}))),
+    ("twinmesh_dht_malformed_total", "DHT messages that were malformed or broke the protocol.",
+     (("malformed", {}),)),
+    ("twinmesh_dht_rate_limited_total", "DHT requests dropped by the per-NIC rate limit.",
+     (("rate_limited", {}),)),
+    ("twinmesh_dht_unexpected_answers_total", "DHT answers arriving late or never asked for.",
+     (("unexpected_answers", {}),)),
+    ("twinmesh_dht_bad_records_total", "Records in DHT answers that were refused.",
+     (("bad_records", {}),)),
+    ("twinmesh_dht_contacts_evicted_total", "Contacts that left their bucket.",
+     (("contacts_evicted", {}),)),
+    ("twinmesh_dht_records_evicted_total", "Replica records dropped to make room.",
+     (("records_evicted", {}),)),
+    ("twinmesh_dht_candidates_ignored_total",
+     "Contacts in answers ignored because a lookup had enough candidates.",
+     (("candidates_ignored", {}),)),
+)
+
+# Gauges: name, help, the `DhtStatistics` field.
+_DHT_GAUGES = (
+    ("twinmesh_dht_contacts", "NICs in the DHT's buckets.", "contacts"),
+    ("twinmesh_dht_lookups_running", "DHT lookups running, store lookups included.",
+     "lookups_running"),
+    ("twinmesh_dht_store_lookups_running", "Store lookups running.", "store_lookups_running"),
+    ("twinmesh_dht_store_lookups_waiting", "Twins whose store waits for a free slot.",
+     "store_lookups_waiting"),
+    ("twinmesh_dht_records", "Records held as a replica for other NICs' twins.", "records"),
+    ("twinmesh_dht_own_records", "Records of twins attached here.", "own"),
+)
+
+
+def dht_metrics(core: Dht) -> list[Metric]:
+    """The DHT core's counters (`core.stats`) and gauges (`core.statistics()`)."""
+    stats = core.stats
+    families = [Metric(name, "counter", help_text,
+                       [(dict(labels), float(stats.get(key, 0))) for key, labels in keys])
+                for name, help_text, keys in _DHT_COUNTERS]
+    state = core.statistics()
+    families += [Metric(name, "gauge", help_text, [({}, float(getattr(state, attr)))])
+                 for name, help_text, attr in _DHT_GAUGES]
+    return families
 
 
 # --- HTTP: parsing the request head ------------------------------------------------------

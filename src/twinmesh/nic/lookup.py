@@ -22,6 +22,9 @@ What it wires:
   the background (at most `MAX_BACKGROUND` at once) and the caller gets None now; the
   outbox retries `noRoute`, and its next attempt finds the result.
 
+Metrics: the core's counters and gauges join the NIC's `/metrics`
+(`nic.metric_sources`, rendered by `health.dht_metrics`).
+
 Contacts: every NIC the route table knows is offered to the core (polled, faster
 while the table changes), and NICs whose route went away are withdrawn. The core
 runs on trio's clock; records expire on the wall clock (`wall_offset`).
@@ -37,6 +40,7 @@ import structlog
 import trio
 
 from twinmesh.identity.keys import PublicKey
+from twinmesh.nic.health import Metric, dht_metrics
 from twinmesh.nic.twins import FindAnswer, TwinPort
 from twinmesh.proto.attach import Location
 from twinmesh.proto.dht import Dht, DhtConfig, LookupDone, Output, SendDht, Violation
@@ -72,6 +76,7 @@ class TwinLookup:
         port.publish = self.publish
         port.find = self.find
         port.on_dht = self.on_dht
+        nic.metric_sources.append(self.metrics)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Create the core, then run its timers and the route polling until cancelled."""
@@ -135,6 +140,10 @@ class TwinLookup:
     def on_dht(self, source: PublicKey, data: bytes, hops: int) -> None:
         if self.core is not None:
             self._handle(self.core.receive(source, data, trio.current_time()))
+
+    def metrics(self) -> list[Metric]:
+        """The DHT's families for the NIC's `/metrics` (none before `run`)."""
+        return dht_metrics(self.core) if self.core is not None else []
 
     # ---------------------------------------------------------------- outputs
 

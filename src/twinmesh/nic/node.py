@@ -17,6 +17,7 @@ import functools
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -94,6 +95,8 @@ class Nic:
         self.links_established = 0
         # Traffic of links that have ended, so /metrics counters never go backwards.
         self.ended_traffic = collections.Counter[str]()
+        # More /metrics families from parts running beside the NIC (the DHT's lookup shell).
+        self.metric_sources: list[Callable[[], list[Metric]]] = []
         self.overlay = Overlay(identity, self.by_peer, config.router, on_packet)
         self._rng = rng or random.Random()
         self._nursery: trio.Nursery | None = None
@@ -393,6 +396,7 @@ class Nic:
                    failures or [({"reason": "none"}, 0.0)]),
             Metric("twinmesh_uptime_seconds", "gauge", "Seconds since the NIC started.",
                    [({}, self.uptime)]),
+            *(metric for source in self.metric_sources for metric in source()),
         ]
 
     # ------------------------------------------------------------------ helpers

@@ -11,9 +11,14 @@ its own neighbourhood of the id space well and the far halves sparsely.
 *Who holds a record.* A twin's signed location record (`proto.attach.Location`) is
 stored on the `k` NICs closest to the twin key (the replicas). The twin's own NIC is
 responsible for it: it stores it when the twin publishes, stores it again every
-`republish_interval` (replicas change as NICs come and go), and at once when it
-learns new contacts while the record sits on fewer than `k` replicas (a mesh that is
-still forming). A replica keeps only what verifies: signed by the twin key, not
+`republish_interval` (replicas change as NICs come and go), and *restores* it when
+it sits on fewer than `k` replicas and we now know more contacts than we ever did
+when a store of it started (a mesh that is still forming): a contact evicted and
+learned again is churn, not growth, and moves nothing. Restores of one record are
+at least `restore_interval` apart, the gap doubling up to `restore_max_interval`
+(back to the start when a store reaches `k` replicas or the twin publishes): an
+overloaded mesh, whose timeouts leave records thin and evict contacts, is not sent
+ever more stores. A replica keeps only what verifies: signed by the twin key, not
 expired, not expiring further out than `max_ttl`, and with a seqno above the one it
 holds; anything else is refused with a reason (`Stored.reason`). A record of one of
 our twins refused as `older` tells us the twin moved on: we stop republishing it.
@@ -43,12 +48,14 @@ newest replacement takes its place. Buckets nobody looked into for
 
 *Bounds.* At most `max_records` replica records (when full, the record farthest from
 us goes first, if the newcomer is closer), `max_own` records of our twins,
-`max_cached` lookup results (each kept `cache_ttl`), `max_lookups` lookups at once
-(republishes beyond that wait their turn), `CANDIDATES_PER_K` x `k` NICs considered
-per lookup, `k` contacts per bucket and per replacement cache, `k` contacts read
-from any answer, `MAX_MESSAGE` bytes per message, and requests from one source NIC
-limited by a token bucket (`rate_per_source`, `burst_per_source`, for at most
-`max_sources` sources).
+`max_cached` lookup results (each kept `cache_ttl`), `max_lookups` lookups at once,
+of which at most `max_store_lookups` store lookups (publishes, republishes and
+restores beyond that wait in a queue of our twins, fresh publishes first, so finds
+always have room), `CANDIDATES_PER_K` x `k` NICs considered per lookup, `k`
+contacts per bucket and per replacement cache, `k` contacts read from any answer,
+`MAX_MESSAGE` bytes per message, and requests from one source NIC limited by a
+token bucket (`rate_per_source`, `burst_per_source`, for at most `max_sources`
+sources).
 
 *Time.* Every call takes `now` (the caller's clock; `wall_offset` turns it into unix
 time for record expiry). The core returns outputs (`SendDht` bytes for a NIC,
@@ -61,6 +68,7 @@ rate-limited requests and late answers are only counted.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -110,6 +118,19 @@ class Violation:
     reason: str
 
 
+@dataclass(frozen=True)
+class DhtStatistics:
+    """What the DHT holds and does right now (`Dht.statistics()`); counters are in
+    `Dht.stats`."""
+
+    contacts: int  # NICs in our buckets
+    lookups_running: int  # all kinds, store lookups included
+    store_lookups_running: int
+    store_lookups_waiting: int  # our twins whose store waits for a free slot
+    records: int  # held as a replica
+    own: int  # records of twins attached here
+
+
 Output = SendDht | LookupDone | Violation
 
 
@@ -132,6 +153,9 @@ class DhtConfig:
     republish_interval: float = 600.0
     refresh_interval: float = 900.0
     restore_delay: float = 0.2  # new contacts settle this long before thin records move
+    restore_interval: float = 2.0  # a thin record's restores are at least this far apart,
+    restore_max_interval: float = 120.0  # doubling up to this
+    max_store_lookups: int = 16  # store lookups at once, fewer than max_lookups
     max_failures: int = 2  # query timeouts in a row before a contact leaves its bucket
     rate_per_source: float = 200.0  # requests per second from one NIC, sustained
     burst_per_source: float = 400.0
@@ -173,7 +197,18 @@ class _Lookup:
     rounds: int = 0
     queried: int = 0
     in_flight: int = 0
+    known: int = 0  # contacts in our buckets when it started
     done: bool = False
+
+
+@dataclass
+class _Placement:
+    """Where a record of one of our twins went, and when it may be restored."""
+
+    backoff: float  # the wait after its next restore
+    replicas: int = 0  # at its last store, ourselves included
+    contacts: int = 0  # the most contacts we knew when a store of it started
+    retry_at: float = -math.inf  # no restore before this
 
 
 @dataclass
@@ -220,6 +255,12 @@ class Dht:
         self.config = config or DhtConfig()
         if self.config.k < 1 or self.config.alpha < 1:
             raise LocalProtocolError("k and alpha must be at least 1")
+        if not 1 <= self.config.max_store_lookups < self.config.max_lookups:
+            raise LocalProtocolError(
+                "max_store_lookups must be at least 1 and below max_lookups (room for finds)")
+        if not 0 < self.config.restore_interval <= self.config.restore_max_interval:
+            raise LocalProtocolError(
+                "restore_interval must be positive and at most restore_max_interval")
         self.wall_offset = wall_offset
         self._rng = rng or random.Random()
         self._self_int = _int(key.raw)
@@ -228,7 +269,7 @@ class Dht:
         self._bucket_used: dict[int, float] = {}
         self.records: dict[PublicKey, Location] = {}  # held as a replica
         self.own: dict[PublicKey, Location] = {}  # of twins attached here
-        self._replicas: dict[PublicKey, int] = {}  # own twin -> replicas at its last store
+        self._placements: dict[PublicKey, _Placement] = {}  # own twin -> its placement
         self._cache: OrderedDict[PublicKey, tuple[Location, float]] = OrderedDict()
         self._lookups: dict[int, _Lookup] = {}
         self._requests: dict[int, _Request] = {}
@@ -236,17 +277,22 @@ class Dht:
         self._next_request = self._rng.getrandbits(62) + 1
         self._next_lookup = 1
         self._waiting: OrderedDict[PublicKey, None] = OrderedDict()  # own twins to store
+        self._storing: set[PublicKey] = set()  # own twins with a store lookup running
+        self._draining = False  # `_drain` is on the stack (stores may end as they start)
         self._sources: OrderedDict[PublicKey, _Bucket] = OrderedDict()
         self._republish_at = now + self.config.republish_interval
         self._refresh_at = now + self.config.refresh_interval
         self._restore_at: float | None = None
+        # Fewest contacts a thin record was stored with, as of the last restore pass:
+        # while we know no more than this, new contacts cannot make a restore due.
+        self._restore_floor = math.inf
         self._bootstrapped = False
         self.stats: dict[str, int] = {
             "messages_in": 0, "messages_out": 0, "malformed": 0, "rate_limited": 0,
             "unexpected_answers": 0, "bad_records": 0, "stores_accepted": 0,
             "stores_refused": 0, "queries_timed_out": 0, "lookups": 0,
             "lookups_found": 0, "contacts_evicted": 0, "records_evicted": 0,
-            "candidates_ignored": 0,
+            "candidates_ignored": 0, "store_lookups": 0, "restores": 0,
         }
 
     # ------------------------------------------------------------- contacts
@@ -266,6 +312,9 @@ class Dht:
 
     def contacts(self) -> list[PublicKey]:
         return [key for bucket in self._buckets.values() for key in bucket]
+
+    def _contact_count(self) -> int:
+        return sum(len(bucket) for bucket in self._buckets.values())
 
     def closest(self, target: bytes, count: int,
                 exclude: PublicKey | None = None) -> list[PublicKey]:
@@ -325,11 +374,15 @@ class Dht:
                 self._evict(nic)
 
     def _contacts_grew(self, now: float) -> None:
-        # Records of our twins stored while we knew few NICs move to the right
+        # Records of our twins stored while we knew fewer NICs move to the right
         # replicas once the new contacts have settled.
-        if self._restore_at is None and any(
-                n < self.config.k for n in self._replicas.values()):
-            self._restore_at = now + self.config.restore_delay
+        if self._contact_count() > self._restore_floor:
+            self._schedule_restore(now)
+
+    def _schedule_restore(self, now: float) -> None:
+        at = now + self.config.restore_delay
+        if self._restore_at is None or at < self._restore_at:
+            self._restore_at = at
 
     # -------------------------------------------------------------- records
 
@@ -345,9 +398,9 @@ class Dht:
             if len(self.own) >= self.config.max_own:
                 return "full", []
         self.own[location.twin] = location
-        self._replicas[location.twin] = 0
+        self._placements[location.twin] = _Placement(self.config.restore_interval)
         out: list[Output] = []
-        self._store_lookup(location.twin, now, out)
+        self._store_lookup(location.twin, now, out, first=True)
         return "", out
 
     def cached(self, twin: PublicKey, now: float) -> Location | None:
@@ -399,15 +452,15 @@ class Dht:
 
     def _drop_own(self, twin: PublicKey) -> None:
         self.own.pop(twin, None)
-        self._replicas.pop(twin, None)
+        self._placements.pop(twin, None)
         self._waiting.pop(twin, None)
 
     def _purge(self, now: float) -> None:
         wall = now + self.wall_offset
-        for table in (self.records, self.own):
-            for twin in [t for t, loc in table.items() if loc.expires <= wall]:
-                del table[twin]
-                self._replicas.pop(twin, None)
+        for twin in [t for t, loc in self.records.items() if loc.expires <= wall]:
+            del self.records[twin]
+        for twin in [t for t, loc in self.own.items() if loc.expires <= wall]:
+            self._drop_own(twin)
 
     # -------------------------------------------------------------- lookups
 
@@ -427,18 +480,52 @@ class Dht:
     def lookups_running(self) -> int:
         return len(self._lookups)
 
-    def _store_lookup(self, twin: PublicKey, now: float, out: list[Output]) -> None:
-        if len(self._lookups) >= self.config.max_lookups:
-            self._waiting[twin] = None  # its turn comes when a lookup ends
+    def statistics(self) -> DhtStatistics:
+        """The gauges: contacts, lookups running and waiting, records held."""
+        return DhtStatistics(
+            contacts=self._contact_count(), lookups_running=len(self._lookups),
+            store_lookups_running=len(self._storing),
+            store_lookups_waiting=len(self._waiting), records=len(self.records),
+            own=len(self.own))
+
+    def _store_lookup(self, twin: PublicKey, now: float, out: list[Output],
+                      first: bool = False) -> None:
+        """Store our twin's record on its replicas, now or when a store slot frees up
+        (`first`: ahead of the twins already waiting)."""
+        if twin in self._storing:
+            return  # the running store sends the newest record when it ends
+        if len(self._storing) < self.config.max_store_lookups and \
+                len(self._lookups) < self.config.max_lookups:
+            self._start_store(twin, now, out)
             return
+        self._waiting[twin] = None
+        self._waiting.move_to_end(twin, last=not first)
+
+    def _start_store(self, twin: PublicKey, now: float, out: list[Output]) -> None:
+        self._storing.add(twin)
+        self.stats["store_lookups"] += 1
         self._start(_STORE, twin.raw, now, out)
+
+    def _drain(self, now: float, out: list[Output]) -> None:
+        """Start the waiting stores that now have a slot."""
+        if self._draining:
+            return  # a store that ended as it started: the loop below goes on
+        self._draining = True
+        try:
+            while self._waiting and len(self._storing) < self.config.max_store_lookups \
+                    and len(self._lookups) < self.config.max_lookups:
+                twin, _ = self._waiting.popitem(last=False)
+                if twin in self.own and twin not in self._storing:
+                    self._start_store(twin, now, out)
+        finally:
+            self._draining = False
 
     def _start(self, kind: str, target: bytes, now: float, out: list[Output]) -> int:
         lookup_id = self._next_lookup
         self._next_lookup += 1
         self.stats["lookups"] += 1
         lookup = _Lookup(lookup_id, kind, target, _int(target), now,
-                         now + self.config.lookup_timeout)
+                         now + self.config.lookup_timeout, known=self._contact_count())
         if kind == _FIND_VALUE:
             lookup.best = self._held(PublicKey(target), now)
             lookup.holders = int(lookup.best is not None)
@@ -536,6 +623,7 @@ class Dht:
                           key=lambda c: c.distance)
         closest = tuple(c.key for c in answered[: self.config.k])
         if lookup.kind == _STORE:
+            self._storing.discard(PublicKey(lookup.target))
             self._store_at(lookup, answered, now, out)
         elif lookup.kind == _FIND_VALUE and lookup.best is not None:
             self.stats["lookups_found"] += 1
@@ -546,10 +634,7 @@ class Dht:
                     self._send_store(c.key, lookup.best, now, out)
         out.append(LookupDone(lookup.id, lookup.target, lookup.best, lookup.rounds,
                               lookup.queried, now - lookup.started, closest, reason))
-        while self._waiting and len(self._lookups) < self.config.max_lookups:
-            twin, _ = self._waiting.popitem(last=False)
-            if twin in self.own:
-                self._start(_STORE, twin.raw, now, out)
+        self._drain(now, out)
 
     def _store_at(self, lookup: _Lookup, answered: list[_Candidate], now: float,
                   out: list[Output]) -> None:
@@ -566,7 +651,20 @@ class Dht:
             self._accept(record, now)
         for key in targets[: self.config.k]:
             self._send_store(key, record, now, out)
-        self._replicas[record.twin] = min(replicas, self.config.k)
+        self._placed(record.twin, min(replicas, self.config.k), lookup.known, now)
+
+    def _placed(self, twin: PublicKey, replicas: int, known: int, now: float) -> None:
+        placement = self._placements.setdefault(
+            twin, _Placement(self.config.restore_interval))
+        placement.replicas = replicas
+        placement.contacts = max(placement.contacts, known)
+        if replicas >= self.config.k:
+            placement.backoff = self.config.restore_interval
+            placement.retry_at = -math.inf
+        elif self._contact_count() > placement.contacts:
+            self._schedule_restore(now)  # contacts came while it was being stored
+        else:
+            self._restore_floor = min(self._restore_floor, placement.contacts)
 
     def _send_store(self, nic: PublicKey, record: Location, now: float,
                     out: list[Output]) -> None:
@@ -710,8 +808,7 @@ class Dht:
                     self._finish(lookup, now, out, reason="timeout")
         if self._restore_at is not None and now >= self._restore_at:
             self._restore_at = None
-            for twin in [t for t, n in self._replicas.items() if n < self.config.k]:
-                self._store_lookup(twin, now, out)
+            self._restore(now, out)
         if now >= self._republish_at:
             self._republish_at = now + self.config.republish_interval
             self._purge(now)
@@ -721,6 +818,30 @@ class Dht:
             self._refresh_at = now + self.config.refresh_interval
             self._refresh(now, out)
         return out
+
+    def _restore(self, now: float, out: list[Output]) -> None:
+        """Store again the thin records stored while we knew fewer contacts than now,
+        each no sooner than its backoff allows; wake up again for those held back."""
+        known = self._contact_count()
+        due = math.inf
+        self._restore_floor = math.inf  # stores ending during the pass lower it too
+        for twin, placement in list(self._placements.items()):
+            if placement.replicas >= self.config.k or twin not in self.own or \
+                    twin in self._storing or twin in self._waiting:
+                continue  # full, gone, or placed again when its store ends
+            if known <= placement.contacts:
+                self._restore_floor = min(self._restore_floor, placement.contacts)
+            elif now < placement.retry_at:
+                due = min(due, placement.retry_at)
+            else:
+                placement.retry_at = now + placement.backoff
+                placement.backoff = min(2 * placement.backoff,
+                                        self.config.restore_max_interval)
+                self.stats["restores"] += 1
+                self._store_lookup(twin, now, out)
+        if due < math.inf:
+            self._restore_at = due if self._restore_at is None else \
+                min(self._restore_at, due)
 
     def _refresh(self, now: float, out: list[Output]) -> None:
         stale = now - self.config.refresh_interval
