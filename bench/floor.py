@@ -2,19 +2,26 @@
 on this machine, measured in the same run. Link figures are reported as ratios of these.
 
 Both ends of every TCP floor live in this one process and one trio loop, exactly like
-the link figures they are compared with, so the comparison is like for like.
+the link figures they are compared with, so the comparison is like for like. The one
+exception is the second echo floor, whose server is a child process (bench/echo_server.py):
+the floor for figures that cross between real processes, such as pings between pnicds.
 """
 
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import nacl.bindings as sodium
 import nacl.utils
 import trio
 
+from bench import echo_server
 from bench.measure import Bound, Context, Figure, Stats
 from twinmesh.identity.keys import Identity
 from twinmesh.wire import schemas
@@ -26,6 +33,10 @@ SMALL = 100
 LARGE = 64 * 1024
 READ_SIZE = 256 * 1024
 RUN_TIMEOUT = 20.0  # seconds one throughput run may take before it is cut short
+ECHO_WARMUP = 50
+ECHO_BOUND = 30.0  # seconds one echo series may take
+CHILD_TIMEOUT = 20.0  # seconds the echo child may take to print its port, or to exit
+ROOT = Path(__file__).resolve().parent.parent  # where `-m bench.echo_server` resolves
 
 TcpHandler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -49,7 +60,12 @@ trio's default `TCP_NODELAY`.
 
 - **trio TCP echo RTT**: one client task sends 100 B, an echo task in the same loop
   sends it back; the client times write → full reply read. {p["echo"]} round trips after
-  50 warm-up ones; median, p10-p90, p99.
+  {ECHO_WARMUP} warm-up ones; median, p10-p90, p99.
+- **trio TCP echo RTT across two processes**: the same client loop and counts, but the
+  echo task runs on its own trio loop in a child process (`python -m
+  bench.echo_server`, started fresh, serving this one connection). Each round trip
+  crosses between two processes and wakes the other one, as a ping between two pnicds
+  does; the pnicd ping figures give their ratio to it in their detail.
 - **raw TCP 100 B / 64 KiB**: the sender writes length-prefixed frames (4-byte length +
   payload, no crypto, no encoding) with one `send_all` per message as fast as the socket
   takes them; the receiver task parses frames out of 256 KiB reads and copies each
@@ -69,6 +85,7 @@ async def run(ctx: Context) -> None:
     p = plan(ctx)
     async with trio.open_nursery() as nursery:
         await _echo_rtt(ctx, nursery, p["echo"])
+        await _echo_rtt_procs(ctx, p["echo"])
         await _pipelined(ctx, nursery, SMALL, p["small"], p["runs"])
         await _pipelined(ctx, nursery, LARGE, p["large"], p["runs"])
         nursery.cancel_scope.cancel()
@@ -86,19 +103,29 @@ async def serve_loopback(nursery: trio.Nursery, handler: TcpHandler) -> int:
 # ------------------------------------------------------------------------- echo
 
 
-async def _echo(stream: trio.SocketStream) -> None:
-    while data := await stream.receive_some(READ_SIZE):
-        await stream.send_all(data)
-
-
 async def _echo_rtt(ctx: Context, nursery: trio.Nursery, count: int) -> None:
     ctx.progress.start(f"floor: trio TCP echo RTT, 100 B x {count}")
-    port = await serve_loopback(nursery, _echo)
+    port = await serve_loopback(nursery, echo_server.echo)
+    samples, notes = await _echo_samples(port, count)
+    _add_echo(ctx, "floor.echo_rtt", "trio TCP echo RTT, 100 B", "trio echo", samples, notes)
+
+
+async def _echo_rtt_procs(ctx: Context, count: int) -> None:
+    ctx.progress.start(f"floor: trio TCP echo RTT across two processes, 100 B x {count}")
+    async with _echo_child() as port:
+        samples, notes = await _echo_samples(port, count)
+    _add_echo(ctx, "floor.echo_rtt_procs", "trio TCP echo RTT across two processes, 100 B",
+              "trio echo (2 procs)", samples, notes)
+
+
+async def _echo_samples(port: int, count: int) -> tuple[list[float], list[str]]:
+    """Round trips of 100 B to the echo server on `port`, one at a time, in ms."""
     payload = nacl.utils.random(SMALL)
     samples: list[float] = []
-    bound = Bound(30.0)
+    notes: list[str] = []
+    bound = Bound(ECHO_BOUND)
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        for i in range(50 + count):
+        for i in range(ECHO_WARMUP + count):
             started = time.perf_counter()
             await stream.send_all(payload)
             got = 0
@@ -107,22 +134,61 @@ async def _echo_rtt(ctx: Context, nursery: trio.Nursery, count: int) -> None:
                 if not chunk:
                     raise RuntimeError("echo server hung up")
                 got += len(chunk)
-            if i >= 50:
+            if i >= ECHO_WARMUP:
                 samples.append((time.perf_counter() - started) * 1e3)
             if bound.expired:
+                notes.append(f"stopped after {len(samples)} samples at the {ECHO_BOUND:g} s "
+                             "bound")
                 break
+    return samples, notes
+
+
+@asynccontextmanager
+async def _echo_child() -> AsyncIterator[int]:
+    """A `bench.echo_server` child process; yields its port, reaps it on the way out."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "bench.echo_server"], stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert process.stdout is not None
+        line = b""
+        with trio.fail_after(CHILD_TIMEOUT):
+            while not line.endswith(b"\n") and len(line) < 64:
+                chunk = await process.stdout.receive_some(64)
+                if not chunk:
+                    break
+                line += chunk
+        if not line.strip().isdigit():
+            raise RuntimeError(f"echo child printed {line!r}, not a port "
+                               f"(exit status {process.poll()})")
+        yield int(line)
+    finally:
+        # The child exits once our connection is closed; kill it if it does not.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CHILD_TIMEOUT):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+
+def _add_echo(
+    ctx: Context, key: str, name: str, short: str, samples: list[float], notes: list[str]
+) -> None:
     stats = Stats.of(samples)
     figure = ctx.add(
         Figure(
-            key="floor.echo_rtt",
+            key=key,
             group=TITLE,
-            name="trio TCP echo RTT, 100 B",
+            name=name,
             value=stats.median,
             unit="ms",
             spread=(stats.p10, stats.p90),
             spread_kind="p10-p90",
             detail=f"p99 {stats.p99:.3f} ms, n={stats.n}",
-            short="trio echo",
+            notes=notes,
+            short=short,
         )
     )
     ctx.progress.done(figure)

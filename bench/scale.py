@@ -15,7 +15,8 @@ chat message to a random other twin `--rate` times a second (random phase) for
 from the sender recording a message to the receiver recording it (both in their twin
 stores, one machine, one clock). CPU and RSS per NIC and per twin come from /proc.
 `--push` then repeats shorter runs at higher per-twin rates and reports the highest
-rate that still delivered everything with p99 under 100 ms.
+rate that still delivered everything with p99 under 100 ms. `--profile DIR` runs every
+pnicd and twind under cProfile (wall-clock: for where the time goes, not the figures).
 
 Every loop is bounded in count and time; every process started is stopped.
 """
@@ -89,8 +90,15 @@ class Deployment:
 
 # ------------------------------------------------------------------ deploy
 
+def _profiled(profile: Path | None, name: str) -> list[str]:
+    """`python -m cProfile -o PROFILE/NAME.prof` in front of a console script, or nothing."""
+    if profile is None:
+        return []
+    return [sys.executable, "-m", "cProfile", "-o", str(profile / f"{name}.prof")]
+
+
 async def deploy(stack: AsyncExitStack, root: Path, nics: int, twins: int, hosts: int,
-                 rng: random.Random) -> Deployment:
+                 rng: random.Random, profile: Path | None = None) -> Deployment:
     started = time.perf_counter()
     nic_procs: list[Any] = []
     for i in range(nics):
@@ -100,7 +108,8 @@ async def deploy(stack: AsyncExitStack, root: Path, nics: int, twins: int, hosts
         if i > 2:
             peers += ["--peer", nic_procs[rng.randrange(0, i - 2)].uri("tcp")]
         nic = await stack.enter_async_context(
-            run_pnicd(root / f"nic-{i:02d}", *peers, health=False))
+            run_pnicd(root / f"nic-{i:02d}", *peers, health=False,
+                      prefix=_profiled(profile, f"nic-{i:02d}")))
         nic_procs.append(nic)
     keys = {n.key for n in nic_procs}
 
@@ -125,8 +134,8 @@ async def deploy(stack: AsyncExitStack, root: Path, nics: int, twins: int, hosts
         # Rotate the NIC list so host h's twins start on different NICs.
         offset = (h * per_host) % nics
         order = nic_procs[offset:] + nic_procs[:offset]
-        argv = [*console_script("twind"), "--host", str(count), "--state-root",
-                str(root / f"host-{h}"), "--log-level", "warning"]
+        argv = [*_profiled(profile, f"host-{h}"), *console_script("twind"), "--host",
+                str(count), "--state-root", str(root / f"host-{h}"), "--log-level", "warning"]
         for nic in order:
             argv += ["--nic", str(nic.state_dir)]
         log = open(root / f"host-{h}.log", "ab")  # noqa: SIM115 (the process keeps it)
@@ -326,7 +335,8 @@ async def main_async(args: argparse.Namespace) -> str:
         async with AsyncExitStack() as stack:
             print(f"scale: deploying {args.nics} NICs and {args.twins} twins …",
                   file=sys.stderr, flush=True)
-            deployment = await deploy(stack, Path(tmp), args.nics, args.twins, args.hosts, rng)
+            deployment = await deploy(stack, Path(tmp), args.nics, args.twins, args.hosts, rng,
+                                      args.profile)
             print(f"scale: deployed in {deployment.seconds:.1f} s", file=sys.stderr, flush=True)
             clients = [await stack.enter_async_context(connect_twin(d))
                        for d in deployment.twin_dirs]
@@ -362,7 +372,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--push", default="", help="higher per-twin rates to try, e.g. 2,5,10")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the section into this markdown file")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="run every pnicd and twind under cProfile, writing DIR/NAME.prof "
+                             "(slower: for the shape of the costs, not the figures)")
     args = parser.parse_args(argv)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     if not (2 <= args.twins <= 5000 and 1 <= args.nics <= 100 and 1 <= args.hosts <= 32):
         parser.error("twins 2-5000, nics 1-100, hosts 1-32")
     if not (0 < args.rate <= 100 and 1 <= args.duration <= 600):
