@@ -618,6 +618,35 @@ def test_an_idle_link_carries_one_keepalive_and_one_ack_per_interval() -> None:
     assert len(rtts) >= 40
 
 
+def test_only_one_side_keeps_the_keepalives_going() -> None:
+    config = LinkConfig(keepalive_interval=0.5, dead_after=2.0, rtt_interval=5.0)
+    a, b = up_pair(now=0.0, config=config)
+    # No latency, so the answering side's timer is due exactly when the next keepalive
+    # arrives: the race a real link runs into now and then.
+    latency = 0.0
+    in_flight: list[tuple[float, Link, bytes]] = []  # (arrives, to, bytes)
+    before = a.stats.frames_out + b.stats.frames_out
+    now = 0.0
+    while now <= 20.0:
+        timers = [(due, link) for link in (a, b) if (due := link.get_timer()) is not None]
+        now = min([t for t, _ in timers] + [at for at, _, _ in in_flight])
+        # A timer due at the instant a frame arrives runs first (the unlucky order).
+        for due, link in timers:
+            if due <= now:
+                assert downs(link.handle_timer(now)) == []
+        for at, to, data in [f for f in in_flight if f[0] <= now]:
+            in_flight.remove((at, to, data))
+            assert downs(to.receive_data(data, now)) == []
+        for link, peer in ((a, b), (b, a)):
+            if data := link.data_to_send():
+                in_flight.append((now + latency, peer, data))
+    # The side whose timer first fired asks every interval; the other only answers
+    # (and asks once per rtt_interval for its own RTT): ~2 frames per interval.
+    sent = a.stats.frames_out + b.stats.frames_out - before
+    assert sent <= 2 * 40 + 2 * 4 + 4
+    assert a.is_up and b.is_up
+
+
 def test_a_link_busy_with_data_sends_no_keepalives_of_its_own() -> None:
     config = LinkConfig(keepalive_interval=0.5, dead_after=2.0, rtt_interval=5.0)
     a, b = up_pair(now=0.0, config=config)

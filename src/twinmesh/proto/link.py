@@ -30,11 +30,12 @@ carriers are ordered and reliable, so the receiver demands exactly the next coun
 a replayed, reordered, dropped or tampered frame closes the link.
 
 Liveness: a side that has sent nothing for `keepalive_interval` sends a keepalive,
-which the peer answers at once with an ack. Since any frame sent (data, an ack)
-pushes the next keepalive out, an idle link carries one keepalive and one ack per
-interval, not two of each, and a busy one none; the acks measure the RTT, and every
-side sends a keepalive at least each `rtt_interval` so that both keep a fresh one.
-A side that has received nothing for `dead_after` declares the link dead.
+which the peer answers at once with an ack. Any frame sent pushes the next keepalive
+out (an ack further: halfway to `dead_after`, so that the answering side does not
+fire just as the next keepalive arrives), so an idle link carries one keepalive and
+one ack per interval, not two of each, and a busy one none. The acks measure the
+RTT; every side sends a keepalive at least each `rtt_interval` so that both keep a
+fresh one. A side that has received nothing for `dead_after` declares it dead.
 
 Errors never escape `receive_data` or `handle_timer`: they become a `LinkDown` event
 whose `error` is a `RemoteProtocolError` (or None for a clean close or a timeout),
@@ -472,6 +473,11 @@ class Link:
             ack = reply.init("keepaliveAck")
             ack.sentAt, ack.seq = value
             self._send_message(reply, now)
+            # The peer keeps the keepalives going: ours would fire just as its next one
+            # arrives (both sides sending, as if neither had answered). Wait longer, but
+            # not so long that the peer, if it stops asking, thinks us dead.
+            self._next_keepalive = now + (self.config.keepalive_interval
+                                          + self.config.dead_after) / 2
         elif which == "keepaliveAck":
             sent_at, _seq = value
             if 0.0 <= now - sent_at <= self.config.handshake_timeout + self.config.dead_after:
