@@ -650,10 +650,26 @@ def test_key_caches_are_bounded() -> None:
     for envelope in envelopes + envelopes:
         assert bob.open(envelope, now=NOW).payload == b"x"
         assert bob.statistics().receive_keys <= 2
+        assert bob.statistics().static_secrets <= 2
     alice = TwinCrypto(ALICE, key_cache_size=2)
     for identity in (BOB, CAROL, MALLORY):
         alice.seal_message(identity.public, b"x", 1, now=NOW)
     assert alice.statistics().send_keys == 2
+    assert alice.statistics().static_secrets == 2
+
+
+def test_a_pair_shares_one_static_secret_in_both_directions_and_across_epochs() -> None:
+    alice = TwinCrypto(ALICE, epoch_messages=1)  # a new ephemeral for every envelope
+    bob = TwinCrypto(BOB, epoch_messages=1)
+    for _ in range(3):
+        sealed, _ = alice.seal_message(BOB.public, b"ping", 1, now=NOW)
+        message = bob.open(sealed, now=NOW)
+        assert message.payload == b"ping"
+        reply, _ = bob.seal_message(ALICE.public, b"pong", 1, now=NOW)
+        assert alice.open(reply, now=NOW).payload == b"pong"
+    # Every envelope had a fresh key (3 epochs each side) on one cached static secret.
+    assert alice.statistics().epochs == 3 and bob.statistics().epochs == 3
+    assert alice.statistics().static_secrets == 1 and bob.statistics().static_secrets == 1
 
 
 # ---------------------------------------------------------------------- misuse

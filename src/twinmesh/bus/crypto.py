@@ -171,6 +171,7 @@ class CryptoStatistics:
     epochs: int  # epoch ephemerals made so far
     send_keys: int  # destinations with a key cached in this epoch
     receive_keys: int  # (source, ephemeral) keys cached
+    static_secrets: int = 0  # peers whose static-static X25519 is cached
 
 
 def token_hash(token: bytes) -> bytes:
@@ -247,7 +248,8 @@ class TwinCrypto:
     """Seals and opens the envelopes of one twin. Not thread-safe; one per twin.
 
     Only this object holds the twin's X25519 private key and its epoch ephemerals; the
-    key caches are bounded by `key_cache_size` entries each.
+    key caches (send keys, receive keys, static secrets: secret no less than the static
+    private key beside them) are bounded by `key_cache_size` entries each.
     """
 
     def __init__(
@@ -275,6 +277,10 @@ class TwinCrypto:
         self._send_keys: OrderedDict[PublicKey, bytes] = OrderedDict()
         # (source raw, ephemeral) → key; least recently used first.
         self._receive_keys: OrderedDict[tuple[bytes, bytes], bytes] = OrderedDict()
+        # peer → X25519(our static, its static): the same for both directions, so a
+        # message and its ack (and the peer's replies) share one, whatever the epochs.
+        # Kept with the peer's X25519 form, whose conversion costs about as much.
+        self._static_secrets: OrderedDict[PublicKey, tuple[bytes, bytes]] = OrderedDict()
 
     # ------------------------------------------------------------------ sealing
 
@@ -448,6 +454,7 @@ class TwinCrypto:
             epochs=self._epochs,
             send_keys=len(self._send_keys),
             receive_keys=len(self._receive_keys),
+            static_secrets=len(self._static_secrets),
         )
 
     # ------------------------------------------------------------------ internals
@@ -490,11 +497,10 @@ class TwinCrypto:
             self._send_keys.move_to_end(destination)
             return key
         try:
-            peer = destination.to_x25519()
+            peer, second = self._static_secret(destination)
         except nacl.exceptions.RuntimeError:
             raise LocalProtocolError(f"{destination} is not a valid twin key") from None
         first = _dh(epoch.private, peer)
-        second = _dh(self._x25519_private, peer)
         if first is None or second is None:
             raise LocalProtocolError(f"{destination} is a low-order key")
         key = _derive(first, second, self.public, destination, epoch.public)
@@ -505,14 +511,28 @@ class TwinCrypto:
 
     def _derive_receive_key(self, source: PublicKey, ephemeral: bytes) -> bytes:
         try:
-            peer = source.to_x25519()
+            _peer, second = self._static_secret(source)
         except nacl.exceptions.RuntimeError:
             raise AuthenticationError("source is not a valid twin key") from None
         first = _dh(self._x25519_private, ephemeral)
-        second = _dh(self._x25519_private, peer)
         if first is None or second is None:
             raise AuthenticationError("ephemeral or source is a low-order key")
         return _derive(first, second, source, self.public, ephemeral)
+
+    def _static_secret(self, peer: PublicKey) -> tuple[bytes, bytes | None]:
+        """(the peer's X25519 key, our static DH with it; None for a low-order key).
+        Raises nacl's RuntimeError when the peer's key has no X25519 form."""
+        known = self._static_secrets.get(peer)
+        if known is not None:
+            self._static_secrets.move_to_end(peer)
+            return known
+        x25519 = peer.to_x25519()
+        shared = _dh(self._x25519_private, x25519)
+        if shared is not None:
+            self._static_secrets[peer] = (x25519, shared)
+            if len(self._static_secrets) > self.key_cache_size:
+                self._static_secrets.popitem(last=False)
+        return x25519, shared
 
     def _seal(
         self,
