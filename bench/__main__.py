@@ -90,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         text = report.markdown(sections, machine, command=command, quick=args.quick,
                                elapsed=elapsed)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        # `make scale` writes its own section into the same file: carry it over.
+        # `make scale` writes its own section into the same file: carry it over, with
+        # the notes written by hand below it (how to read those figures).
         old = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
         if scale.BEGIN in old and scale.END in old:
-            kept = old[old.index(scale.BEGIN):old.index(scale.END) + len(scale.END)]
+            kept = old[old.index(scale.BEGIN):].rstrip("\n")
             text = text.rstrip("\n") + "\n\n" + kept + "\n"
         args.out.write_text(text, encoding="utf-8")
         print(f"\nbench: wrote {args.out}", file=sys.stderr)
