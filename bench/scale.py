@@ -9,11 +9,18 @@ processes in hosting mode, which between them run `--twins` twins spread round r
 over the NICs. Deployment time runs from the first pnicd start until every twin is
 attached and every NIC can route to every other.
 
+Before any load the driver waits (bounded) until the NICs' DHT is quiet: no store
+lookup running or waiting on any NIC, read from each pnicd's /metrics.
+
 Load: the driver holds a control connection to every twin and makes each one send a
 chat message to a random other twin `--rate` times a second (random phase) for
-`--duration` seconds, then waits (bounded) for the deliveries. Latency is the time
+`--duration` seconds, then waits (bounded) for the deliveries. It is open-loop: one
+scheduler task writes the `send` requests when they are due and reads the twins'
+answers after the run (errors count as refused), so the driver's own CPU stays small
+next to what it measures. Latency is the time
 from the sender recording a message to the receiver recording it (both in their twin
-stores, one machine, one clock). CPU and RSS per NIC and per twin come from /proc.
+stores, one machine, one clock). CPU and RSS per NIC and per twin come from /proc;
+NIC counters (outbox retries, link frames, DHT messages) from /metrics.
 `--push` then repeats shorter runs at higher per-twin rates and reports the highest
 rate that still delivered everything with p99 under 100 ms. `--profile DIR` runs every
 pnicd and twind under cProfile (wall-clock: for where the time goes, not the figures).
@@ -24,12 +31,16 @@ Every loop is bounded in count and time; every process started is stopped.
 from __future__ import annotations
 
 import argparse
+import heapq
 import itertools
+import json
+import math
 import os
 import random
 import sqlite3
 import sys
 import time
+import urllib.request
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,15 +51,26 @@ import trio
 
 from bench.measure import percentile
 from bench.report import machine
+from twinmesh.carriers.unix import connect_unix
 from twinmesh.control.admin_client import admin_call
-from twinmesh.control.twin_client import TwinClient, connect_twin
+from twinmesh.control.framed import CONTROL_MAX_FRAME, FramedStream
+from twinmesh.control.twin_client import connect_twin
 from twinmesh.errors import AdminError, ApiError
 from twinmesh.testing.processes import console_script, run_pnicd, wait_until
+from twinmesh.twin.service import CONTROL_SOCKET
+from twinmesh.wire.framing import encode_frame
 
 BEGIN = "<!-- scale:begin -->"
 END = "<!-- scale:end -->"
 P99_GOAL = 0.100
 SETTLE_LIMIT = 60.0
+ANSWER_LIMIT = 30.0  # reading back the answers to one run's requests
+# NIC counters summed over all NICs and reported per message sent.
+COUNTERS = {
+    "retries": "twinmesh_outbox_retries_total",
+    "link frames": 'twinmesh_link_frames_total{direction="out"}',
+    "DHT msgs": 'twinmesh_dht_messages_total{direction="out"}',
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -65,6 +87,10 @@ class Run:
     twin_cpu: float = 0.0  # per twin
     driver_cpu: float = 0.0
     elapsed: float = 0.0  # how long the load really took to send
+    nic_ms: float = 0.0  # CPU per message sent, all NICs together
+    twin_ms: float = 0.0  # all twind processes together
+    driver_ms: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)  # COUNTERS per message
 
     @property
     def offered(self) -> float:
@@ -86,6 +112,7 @@ class Deployment:
     twin_dirs: list[Path]
     twin_ids: list[str]
     seconds: float
+    settled: float = 0.0  # seconds until the DHT was quiet, after deployment
 
 
 # ------------------------------------------------------------------ deploy
@@ -108,7 +135,7 @@ async def deploy(stack: AsyncExitStack, root: Path, nics: int, twins: int, hosts
         if i > 2:
             peers += ["--peer", nic_procs[rng.randrange(0, i - 2)].uri("tcp")]
         nic = await stack.enter_async_context(
-            run_pnicd(root / f"nic-{i:02d}", *peers, health=False,
+            run_pnicd(root / f"nic-{i:02d}", *peers,
                       prefix=_profiled(profile, f"nic-{i:02d}")))
         nic_procs.append(nic)
     keys = {n.key for n in nic_procs}
@@ -175,26 +202,60 @@ async def _stop(process: trio.Process) -> None:
 
 # -------------------------------------------------------------------- load
 
-async def load(clients: list[TwinClient], ids: list[str], run: Run, rng: random.Random) -> None:
+class Driver:
+    """Raw control connections, one per twin: requests are written when due, without
+    waiting for answers; the answers are read back after the run."""
+
+    def __init__(self, streams: list[trio.SocketStream]) -> None:
+        self.streams = streams
+        self.framed = [FramedStream(s, max_frame=CONTROL_MAX_FRAME) for s in streams]
+        self.unanswered = [0] * len(streams)
+        self._ids = itertools.count(1)
+
+    async def send(self, i: int, destination: str, text: str) -> None:
+        body = json.dumps({"id": next(self._ids),
+                           "send": {"twin": destination, "text": text}}).encode()
+        await self.streams[i].send_all(encode_frame(body, CONTROL_MAX_FRAME))
+        self.unanswered[i] += 1
+
+    async def answers(self) -> tuple[int, int]:
+        """(answered, refused): read every outstanding answer, bounded in time."""
+        counts = [0, 0]
+
+        async def drain(i: int) -> None:
+            while self.unanswered[i]:
+                body = await self.framed[i].receive()
+                if body is None:
+                    raise ApiError("disconnected", f"twin {i} closed its control socket")
+                self.unanswered[i] -= 1
+                counts["error" in json.loads(body)] += 1
+
+        with trio.move_on_after(ANSWER_LIMIT):
+            async with trio.open_nursery() as nursery:
+                for i in range(len(self.streams)):
+                    nursery.start_soon(drain, i)
+        return counts[0] + counts[1], counts[1]
+
+
+async def load(driver: Driver, ids: list[str], run: Run, rng: random.Random) -> None:
+    """Every twin sends at `run.rate` (random phase) until `run.duration` is over; one
+    task walks the schedule, so the driver wakes once per due batch, not per twin."""
     interval = 1.0 / run.rate
-    deadline = trio.current_time() + run.duration
-
-    async def sender(i: int, client: TwinClient) -> None:
-        next_at = trio.current_time() + rng.uniform(0, interval)
-        while next_at < deadline:
-            await trio.sleep_until(next_at)
-            target = rng.randrange(len(ids) - 1)
-            target += target >= i  # anyone but itself
-            try:
-                await client.call("send", {"twin": ids[target], "text": f"m{run.sent}"})
-                run.sent += 1
-            except ApiError:
-                run.refused += 1
-            next_at += interval
-
-    async with trio.open_nursery() as nursery:
-        for i, client in enumerate(clients):
-            nursery.start_soon(sender, i, client)
+    start = trio.current_time()
+    deadline = start + run.duration
+    schedule = [(start + rng.uniform(0, interval), i) for i in range(len(ids))]
+    heapq.heapify(schedule)
+    while schedule[0][0] < deadline:
+        due, i = schedule[0]
+        if due > trio.current_time():
+            await trio.sleep_until(due)
+        heapq.heapreplace(schedule, (due + interval, i))
+        target = rng.randrange(len(ids) - 1)
+        target += target >= i  # anyone but itself
+        await driver.send(i, ids[target], f"m{run.sent}")
+        run.sent += 1
+    _, refused = await driver.answers()
+    run.refused = refused
 
 
 def collect(twin_dirs: list[Path], since: float) -> tuple[dict[bytes, float], dict[bytes, float]]:
@@ -212,18 +273,20 @@ def collect(twin_dirs: list[Path], since: float) -> tuple[dict[bytes, float], di
     return sent, received
 
 
-async def measure(deployment: Deployment, clients: list[TwinClient], run: Run,
+async def measure(deployment: Deployment, driver: Driver, run: Run,
                   rng: random.Random) -> Run:
     since = time.time()
+    counters_before = await nic_counters(deployment)
     cpu_before = _cpu(deployment)
     driver_before = time.process_time()
     started = time.perf_counter()
-    await load(clients, deployment.twin_ids, run, rng)
+    await load(driver, deployment.twin_ids, run, rng)
     # An overloaded system takes longer than planned to take the load: rates and CPU
     # shares are over the time it really took.
     run.elapsed = max(run.duration, time.perf_counter() - started)
     cpu_after = _cpu(deployment)
-    run.driver_cpu = (time.process_time() - driver_before) / run.elapsed
+    driver_cpu = time.process_time() - driver_before
+    run.driver_cpu = driver_cpu / run.elapsed
     nics = len(deployment.nics)
     run.nic_cpu = (cpu_after[0] - cpu_before[0]) / run.elapsed / nics
     run.twin_cpu = (cpu_after[1] - cpu_before[1]) / run.elapsed / len(deployment.twin_ids)
@@ -239,7 +302,52 @@ async def measure(deployment: Deployment, clients: list[TwinClient], run: Run,
     run.sent = len(sent)
     run.delivered = sum(1 for i in sent if i in received)
     run.latencies = [received[i] - at for i, at in sent.items() if i in received]
+    if run.sent:
+        # CPU over the load window, per message the twins took (the deliveries that
+        # trail the window are not in it: at the knee this undercounts a little).
+        run.nic_ms = (cpu_after[0] - cpu_before[0]) / run.sent * 1000
+        run.twin_ms = (cpu_after[1] - cpu_before[1]) / run.sent * 1000
+        run.driver_ms = driver_cpu / run.sent * 1000
+        counters_after = await nic_counters(deployment)
+        run.counters = {label: (counters_after.get(name, math.nan)
+                                - counters_before.get(name, math.nan)) / run.sent
+                        for label, name in COUNTERS.items()}
     return run
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """`name{labels}` -> value from one pnicd's /metrics (loopback)."""
+    with urllib.request.urlopen(url + "metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+async def nic_counters(deployment: Deployment) -> dict[str, float]:
+    """Every metric sample summed over the NICs."""
+    total: dict[str, float] = {}
+    for nic in deployment.nics:
+        samples = await trio.to_thread.run_sync(_scrape, nic.health_url)
+        for key, value in samples.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+async def settle(deployment: Deployment) -> float:
+    """Seconds until no NIC has a DHT store lookup running or waiting (bounded)."""
+    started = time.perf_counter()
+
+    async def quiet() -> bool:
+        total = await nic_counters(deployment)
+        return (total.get("twinmesh_dht_store_lookups_running", 1.0)
+                + total.get("twinmesh_dht_store_lookups_waiting", 1.0)) == 0
+
+    await wait_until(quiet, SETTLE_LIMIT, interval=0.5, what="the DHT to go quiet")
+    return time.perf_counter() - started
 
 
 def _cpu(deployment: Deployment) -> tuple[float, float]:
@@ -275,9 +383,13 @@ def markdown(args: argparse.Namespace, deployment: Deployment, base: Run, pushes
         f"{twins} twins in {len(deployment.hosts)} twind processes (hosting mode), spread "
         "round robin over the NICs; a driver process holds one control connection per twin "
         "and makes every twin send chat messages to random other twins at a steady rate "
-        "(random phase). Latency: sender's twin store record → receiver's twin store "
+        "(random phase, open loop: answers are read after each run), starting once the "
+        "NICs' DHT is quiet. Latency: sender's twin store record → receiver's twin store "
         "record (same clock). CPU from /proc (user+system) over the load window; the "
-        "driver's own CPU is on the same 2 cores. Machine: "
+        "driver's own CPU is on the same 2 cores; CPU per message is each tier's CPU over "
+        "the load window divided by the messages sent. NIC counters (summed over the NICs, "
+        "per message sent) from each pnicd's /metrics; n/a where a NIC does not export "
+        "one. Machine: "
         + ", ".join(f"{k} {v}" for k, v in machine() if k in ("cpu", "cores", "memory"))
         + ".",
         "",
@@ -285,6 +397,8 @@ def markdown(args: argparse.Namespace, deployment: Deployment, base: Run, pushes
         "|---|---|---|---|",
         f"| deployment ({args.nics} NICs + {twins} twins) | {deployment.seconds:.1f} s "
         f"| ≤ 60 s | {'met' if deployment.seconds <= 60 else 'missed'} |",
+        f"| DHT quiet after deployment (no store lookup running or waiting) "
+        f"| {deployment.settled:.1f} s later | | |",
         f"| delivered / sent at {base.rate:g} msg/s per twin ({base.offered:.0f} msgs/s) "
         f"| {base.delivered} / {base.sent} ({_pct(base)}) | 100 % "
         f"| {'met' if base.sent and base.delivered == base.sent else 'missed'} |",
@@ -300,15 +414,24 @@ def markdown(args: argparse.Namespace, deployment: Deployment, base: Run, pushes
     lines[-1] += " | ≥ 10 000 msgs/s (seed: 5 000) | " + (
         "met" if best and best.offered >= 10_000 else "missed") + " |"
     lines += ["", "| msg/s per twin | sent msgs/s (load took) | delivered | p50 | p99 | NIC CPU | "
-              "twin CPU | driver CPU |", "|---|---|---|---|---|---|---|---|"]
+              "twin CPU | driver CPU | CPU ms per msg: NICs / twins / driver | "
+              + " | ".join(f"{label} per msg" for label in COUNTERS) + " |",
+              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(COUNTERS)]
     for r in [base, *pushes]:
         lines.append(
             f"| {r.rate:g} | {r.offered:.0f} ({r.elapsed:.0f} s) | {_pct(r)} "
             f"| {r.p(50) * 1000:.1f} ms "
             f"| {r.p(99) * 1000:.1f} ms | {r.nic_cpu * 100:.1f} % | {r.twin_cpu * 100:.2f} % "
-            f"| {r.driver_cpu * 100:.0f} % |")
+            f"| {r.driver_cpu * 100:.0f} % "
+            f"| {r.nic_ms:.2f} / {r.twin_ms:.2f} / {r.driver_ms:.2f} | "
+            + " | ".join(_counter(r.counters.get(label, math.nan)) for label in COUNTERS)
+            + " |")
     lines += ["", END]
     return "\n".join(lines) + "\n"
+
+
+def _counter(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
 def _pct(run: Run) -> str:
@@ -338,10 +461,15 @@ async def main_async(args: argparse.Namespace) -> str:
             deployment = await deploy(stack, Path(tmp), args.nics, args.twins, args.hosts, rng,
                                       args.profile)
             print(f"scale: deployed in {deployment.seconds:.1f} s", file=sys.stderr, flush=True)
-            clients = [await stack.enter_async_context(connect_twin(d))
-                       for d in deployment.twin_dirs]
-            # Location records flood in well under a second; give them a moment.
-            await trio.sleep(2.0)
+            streams = []
+            for directory in deployment.twin_dirs:
+                stream = await connect_unix(directory / CONTROL_SOCKET)
+                stack.push_async_callback(stream.aclose)
+                streams.append(stream)
+            driver = Driver(streams)
+            deployment.settled = await settle(deployment)
+            print(f"scale: DHT quiet {deployment.settled:.1f} s later", file=sys.stderr,
+                  flush=True)
             runs = []
             for rate, duration in itertools.chain(
                     [(args.rate, args.duration)],
@@ -349,7 +477,7 @@ async def main_async(args: argparse.Namespace) -> str:
                      (args.push.split(",") if args.push else [])]):
                 print(f"scale: {rate:g} msg/s per twin for {duration:g} s …",
                       file=sys.stderr, end="", flush=True)
-                run = await measure(deployment, clients, Run(rate, duration), rng)
+                run = await measure(deployment, driver, Run(rate, duration), rng)
                 print(f" {run.offered:.0f} msgs/s offered, {_pct(run)} delivered, "
                       f"p99 {run.p(99) * 1000:.1f} ms", file=sys.stderr, flush=True)
                 runs.append(run)
