@@ -12,6 +12,7 @@ import trio
 from twinmesh.bus.client import BusClient, BusError, text_message
 from twinmesh.bus.inbox_store import InboxStore
 from twinmesh.identity.keys import Identity
+from twinmesh.nic.health import render_prometheus
 from twinmesh.proto.attach import sign_attach
 from twinmesh.testing.bus import bus_line
 from twinmesh.wire import schemas
@@ -34,6 +35,42 @@ async def test_a_message_crosses_two_hops_exactly_once_and_is_acked(tmp_path: Pa
                 assert received.decode(schemas.rmb.TextMessage)["body"] == "hello bob"
                 assert await a_bus.status(message_id) == ("delivered", "")
             inbox.close()
+
+
+def samples(text: str) -> dict[str, float]:
+    """`name{labels}` -> value from a rendered /metrics page."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+async def test_metrics_count_a_delivered_message_at_each_nic(tmp_path: Path) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    with trio.fail_after(20):
+        async with (
+            bus_line(tmp_path, ["a", "b", "c"]) as n,
+            BusClient.connect(alice, tmp_path / "a") as a_bus,
+            BusClient.connect(bob, tmp_path / "c") as b_bus,
+        ):
+            await n["a"].wait_located(bob.public)
+            before = {name: samples(render_prometheus(n[name].nic.metrics())) for name in "abc"}
+            await a_bus.send(bob.public, text_message("counted"), wait="delivered", timeout=10)
+            await b_bus.receive()
+            after = {name: samples(render_prometheus(n[name].nic.metrics())) for name in "abc"}
+
+    def grew(name: str, sample: str) -> float:
+        return after[name][sample] - before[name][sample]
+
+    assert grew("a", "twinmesh_outbox_accepted_total") == 1
+    assert grew("a", 'twinmesh_outbox_finished_total{status="delivered"}') == 1
+    assert grew("a", "twinmesh_outbox_transmissions_total") >= 1
+    assert after["a"]['twinmesh_outbox_finished_total{status="failed"}'] == 0
+    assert after["a"]["twinmesh_outbox_pending"] == 0
+    # The message went a -> b -> c and its ack c -> b -> a.
+    assert grew("a", 'twinmesh_overlay_packets_total{kind="sent"}') >= 1
+    assert grew("b", 'twinmesh_overlay_packets_total{kind="forwarded"}') >= 2
+    assert grew("c", 'twinmesh_overlay_packets_total{kind="delivered"}') >= 1
+    assert grew("a", 'twinmesh_overlay_packets_total{kind="delivered"}') >= 1
+    assert grew("c", "twinmesh_outbox_accepted_total") == 0  # acks take no outbox
 
 
 async def test_request_and_reply(tmp_path: Path) -> None:

@@ -45,3 +45,27 @@ def test_the_directory_is_bounded() -> None:
 def test_wire_sizes_are_checked() -> None:
     assert location_from_wire(b"x", NIC_A.raw, 1, 1.0, b"s" * 64) is None
     assert location_from_wire(TWIN.public.raw, NIC_A.raw, 1, 1.0, b"s" * 64) is not None
+
+
+def test_purge_forgets_only_what_has_expired_by_then() -> None:
+    directory = Directory()
+    others = [Identity.generate() for _ in range(3)]
+    for n, twin in enumerate(others):
+        assert directory.accept(Location.sign(twin, NIC_A, 1, expires=10.0 * (n + 1)), 0.0)
+    assert directory.accept(Location.sign(TWIN, NIC_A, 1, expires=5.0), 0.0)
+    # Renewed before it expired: the old expiry no longer counts.
+    assert directory.accept(Location.sign(TWIN, NIC_B, 2, expires=50.0), 1.0)
+    directory.purge(20.0)
+    assert set(directory.records) == {others[2].public, TWIN.public}
+    assert directory.locate(TWIN.public, 20.0) == NIC_B
+    directory.purge(50.0)
+    assert not directory.records
+
+
+def test_many_renewals_keep_the_expiry_index_small() -> None:
+    directory = Directory()
+    for seqno in range(1, 400):
+        assert directory.accept(Location.sign(TWIN, NIC_A, seqno, expires=1000.0 + seqno), 0.0)
+    assert len(directory._expiry) <= 2 * len(directory.records) + 64
+    directory.purge(2000.0)
+    assert not directory.records

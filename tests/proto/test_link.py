@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from twinmesh.errors import (
     AuthenticationError,
@@ -33,6 +35,9 @@ from twinmesh.proto.link import (
     RttMeasured,
     State,
     _hash,
+    _read_link_message,
+    encode_data,
+    read_data,
 )
 from twinmesh.wire import schemas
 from twinmesh.wire.framing import DEFAULT_MAX_FRAME, PREFIX, FrameDecoder, encode_frame
@@ -813,3 +818,34 @@ def test_stats_count_a_refusal() -> None:
     assert b.stats.frames_out == a.stats.frames_in == 1
     assert a.stats.bytes_out == b.stats.bytes_in > 100
     assert b.stats.bytes_out == a.stats.bytes_in > 0
+
+
+# ------------------------------------------------------------- data frames
+
+
+@given(payload=st.binary(min_size=1, max_size=3000))
+def test_a_data_message_is_encoded_as_pycapnp_builds_it(payload: bytes) -> None:
+    message = schemas.link.LinkMessage.new_message()
+    message.data = payload
+    assert encode_data(payload) == message.to_bytes()
+    assert read_data(encode_data(payload)) == payload
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payload=st.binary(max_size=200), keepalive=st.booleans(), data=st.data())
+def test_the_data_shortcut_reads_what_pycapnp_reads_or_steps_aside(
+    payload: bytes, keepalive: bool, data: st.DataObject
+) -> None:
+    message = schemas.link.LinkMessage.new_message()
+    if keepalive:
+        message.init("keepalive").seq = 3
+    else:
+        message.data = payload
+    damaged = bytearray(message.to_bytes())
+    for _ in range(data.draw(st.integers(0, 4))):
+        position = data.draw(st.integers(0, min(len(damaged) - 1, 40)))
+        damaged[position] = data.draw(st.integers(0, 255))
+    fast = read_data(bytes(damaged))
+    if fast is not None:
+        assert schemas.decode(schemas.link.LinkMessage, bytes(damaged),
+                              _read_link_message) == ("data", fast)

@@ -176,7 +176,7 @@ def test_restored_entries_are_retried_or_expired() -> None:
     outbox = Outbox(NO_JITTER)
     live = Entry(b"l" * 16, ALICE, BOB, 100.0, b"h" * 16, b"sealed", attempts=3)
     dead = Entry(b"d" * 16, ALICE, BOB, 5.0, b"h" * 16, b"sealed")
-    assert outbox.restore(live, now=10.0)[0] == Transmit(live.id, BOB, b"sealed")
+    assert outbox.restore(live, now=10.0)[0] == Transmit(live.id, BOB, b"sealed", attempt=4)
     assert outbox.restore(dead, now=10.0) == [
         Forget(dead.id, Status.EXPIRED, "", 10.0 + NO_JITTER.status_hold),
         StatusChanged(dead.id, ALICE, Status.EXPIRED)]

@@ -220,6 +220,52 @@ def dht_metrics(core: Dht) -> list[Metric]:
     return families
 
 
+def overlay_metrics(stats: Mapping[str, int], dropped: int) -> list[Metric]:
+    """Overlay data packets by what became of them at this NIC: the router core's
+    counters (`Router.stats`) and the packets the shell dropped (`Overlay.dropped`)."""
+    kinds = (
+        ("sent", stats.get("packets_sent", 0)),
+        ("forwarded", stats.get("packets_forwarded", 0)),
+        ("delivered", stats.get("packets_delivered", 0)),
+        ("unreachable", stats.get("packets_unroutable", 0) + stats.get("packets_no_route", 0)),
+        ("dropped", dropped),
+    )
+    return [Metric("twinmesh_overlay_packets_total", "counter",
+                   "Overlay packets originated here (sent), passed on (forwarded), "
+                   "addressed here (delivered), without a route or out of hops "
+                   "(unreachable), dropped on a full or closed link (dropped).",
+                   [({"kind": kind}, float(count)) for kind, count in kinds])]
+
+
+# Outbox counters: name, help, the key in `TwinPort.counters`.
+_OUTBOX_COUNTERS = (
+    ("twinmesh_outbox_accepted_total",
+     "Messages stored durably in the outbox (the twin heard accepted).", "outbox_accepted"),
+    ("twinmesh_outbox_transmissions_total",
+     "Sends of outbox messages onto the overlay, first sends and retries.",
+     "outbox_transmissions"),
+    ("twinmesh_outbox_retries_total", "Attempts after the first of outbox messages.",
+     "outbox_retries"),
+)
+OUTBOX_FINAL = ("delivered", "expired", "failed")
+
+
+def outbox_metrics(counters: Mapping[str, int], pending: int) -> list[Metric]:
+    """The outbox's families: counters kept by the twin port (`TwinPort.counters`,
+    `outbox_<what>` keys) and the messages it holds now."""
+    families = [Metric(name, "counter", help_text, [({}, float(counters.get(key, 0)))])
+                for name, help_text, key in _OUTBOX_COUNTERS]
+    families.append(Metric(
+        "twinmesh_outbox_finished_total", "counter",
+        "Outbox messages finished, by final status.",
+        [({"status": status}, float(counters.get(f"outbox_{status}", 0)))
+         for status in OUTBOX_FINAL]))
+    families.append(Metric("twinmesh_outbox_pending", "gauge",
+                           "Messages in the outbox waiting for their ack.",
+                           [({}, float(pending))]))
+    return families
+
+
 # --- HTTP: parsing the request head ------------------------------------------------------
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

@@ -173,8 +173,12 @@ class TwinLookup:
         self._rearm()
 
     def _rearm(self) -> None:
-        if self._timer_scope is not None and self.core is not None:
-            self._timer_scope.deadline = min(self.core.get_timer(), self._poll_at)
+        # Only ever earlier: the core's `handle_timer` does nothing before it is due.
+        scope = self._timer_scope
+        if scope is not None and self.core is not None:
+            deadline = min(self.core.get_timer(), self._poll_at)
+            if deadline < scope.deadline:
+                scope.deadline = deadline
 
     # --------------------------------------------------------------- contacts
 

@@ -37,7 +37,7 @@ from twinmesh.errors import (
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.config import NicConfig
 from twinmesh.nic.dialer import DIAL_TIMEOUT, Dialer
-from twinmesh.nic.health import Metric
+from twinmesh.nic.health import Metric, overlay_metrics
 from twinmesh.nic.overlay import Overlay, PacketHandler, PingReply
 from twinmesh.nic.session import LinkSession
 from twinmesh.proto.link import DownKind, Link, LinkDown
@@ -379,6 +379,7 @@ class Nic:
         total = live + self.ended_traffic
         up = sum(1 for s in self.sessions.values() if s.is_up)
         failures = [({"reason": r}, float(n)) for r, n in sorted(self.handshake_failures.items())]
+        router = self.overlay.router
         return [
             Metric("twinmesh_links_up", "gauge", "Links whose handshake completed and are up.",
                    [({}, float(up))]),
@@ -396,6 +397,7 @@ class Nic:
                    failures or [({"reason": "none"}, 0.0)]),
             Metric("twinmesh_uptime_seconds", "gauge", "Seconds since the NIC started.",
                    [({}, self.uptime)]),
+            *overlay_metrics(router.stats if router is not None else {}, self.overlay.dropped),
             *(metric for source in self.metric_sources for metric in source()),
         ]
 

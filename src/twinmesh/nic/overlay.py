@@ -62,7 +62,8 @@ class Overlay:
         self.config = config or RouterConfig()
         self.on_packet = on_packet
         self.router: Router | None = None
-        self.dropped = 0  # forwarded packets dropped on full queues
+        # Data packets dropped here: a full link queue, or the link gone meanwhile.
+        self.dropped = 0
         self.violations = 0
         self._ping_ids = itertools.count(1)
         self._pings: dict[int, trio.MemorySendChannel[PingReply]] = {}
@@ -112,10 +113,12 @@ class Overlay:
             if isinstance(output, SendTo):
                 session = self.sessions.get(output.peer)
                 if session is None:
+                    self.dropped += 1
                     raise NoRouteError(f"no route to {destination.text}")
                 try:
                     await session.send(output.data)
                 except LinkClosedError:
+                    self.dropped += 1
                     raise NoRouteError(f"the link towards {destination.text} went down") from None
             elif isinstance(output, Unreachable):
                 raise NoRouteError(f"no route to {destination.text}")
@@ -160,7 +163,9 @@ class Overlay:
     def _send(self, output: SendTo) -> None:
         session = self.sessions.get(output.peer)
         if session is None or not session.is_up:
-            return  # the router hears about the link going down right after
+            # The router hears about the link going down right after.
+            self.dropped += not output.control
+            return
         try:
             if output.control:
                 session.send_control(output.data)
@@ -169,6 +174,7 @@ class Overlay:
         except trio.WouldBlock:
             self.dropped += 1
         except (LinkClosedError, LocalProtocolError) as exc:
+            self.dropped += not output.control
             self.log.info("overlay send failed", peer=output.peer.short, reason=str(exc))
 
     def _answer(self, ping_id: int, reply: PingReply) -> None:
@@ -179,8 +185,13 @@ class Overlay:
                 channel.send_nowait(reply)
 
     def _rearm(self) -> None:
-        if self._timer_scope is not None and self.router is not None:
-            self._timer_scope.deadline = self.router.get_timer()
+        # Only ever earlier (setting a deadline costs, even to the same value); the
+        # router's `handle_timer` does nothing when woken before anything is due.
+        scope = self._timer_scope
+        if scope is not None and self.router is not None:
+            deadline = self.router.get_timer()
+            if deadline < scope.deadline:
+                scope.deadline = deadline
 
     def _router(self) -> Router:
         if self.router is None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import time
 from typing import Protocol
 
@@ -274,12 +273,16 @@ class LinkSession:
         self._observer.link_down(self, down)
 
     def _rearm_timer(self) -> None:
+        # Only ever earlier: on a busy link every frame pushes the keepalive out, and
+        # moving the deadline costs trio a heap entry each time. A timer that fires
+        # before anything is due costs one harmless `handle_timer` and is re-armed.
         scope = self._timer_scope
         if scope is not None:
             deadline = self.core.get_timer()
-            scope.deadline = math.inf if deadline is None else deadline
             if deadline is None:
                 scope.cancel()
+            elif deadline < scope.deadline:
+                scope.deadline = deadline
 
     def _check_sendable(self, payload: bytes) -> None:
         if self.down is not None:

@@ -51,10 +51,12 @@ from twinmesh.errors import (
     StorageError,
 )
 from twinmesh.identity.keys import PublicKey
+from twinmesh.nic.health import Metric, outbox_metrics
 from twinmesh.nic.outbox_store import OutboxStore
 from twinmesh.proto.attach import NONCE_SIZE, Location, verify_attach
 from twinmesh.proto.outbox import (
     ACK_GRACE,
+    FINAL,
     Forget,
     Outbox,
     OutboxConfig,
@@ -63,7 +65,7 @@ from twinmesh.proto.outbox import (
     StatusChanged,
     Transmit,
 )
-from twinmesh.wire import schemas
+from twinmesh.wire import flat, schemas
 from twinmesh.wire.framing import encode_frame
 
 if TYPE_CHECKING:
@@ -213,6 +215,11 @@ class TwinPort:
         self._timer_scope: trio.CancelScope | None = None
         self._session_ids = itertools.count(1)
         self.log = structlog.get_logger("twinmesh.twins").bind(node=nic.key.short)
+        nic.metric_sources.append(self.metrics)
+
+    def metrics(self) -> list[Metric]:
+        """The outbox's families for the NIC's `/metrics`."""
+        return outbox_metrics(self.counters, len(self.outbox))
 
     # ---------------------------------------------------------------- running
 
@@ -288,6 +295,7 @@ class TwinPort:
                     self._answer(session, submitted.request_id, ok=False, code="overloaded",
                                  message=f"the NIC could not store the message: {error}")
                 else:
+                    self.counters["outbox_accepted"] += 1
                     for transmit in submitted.transmits:
                         self._transmit(transmit)
                     sent = submitted.sent
@@ -329,10 +337,14 @@ class TwinPort:
             elif isinstance(output, Transmit):
                 self._transmit(output)
             elif isinstance(output, StatusChanged):
+                if output.status in FINAL:
+                    self.counters[f"outbox_{output.status.value}"] += 1
                 self._status_update(output)
         self._rearm()
 
     def _transmit(self, transmit: Transmit) -> None:
+        if transmit.attempt > 1:
+            self.counters["outbox_retries"] += 1
         destination = transmit.destination
         if destination in self.sessions:
             self._deliver_local(destination, transmit.envelope)
@@ -345,18 +357,22 @@ class TwinPort:
             # Our twin, but not attached right now: keep it queued, try again soon.
             self._apply(self.outbox.error(transmit.id, "offline", _unix_now()))
             return
-        self._send_to_nic(nic_key, transmit.envelope, kind="envelope")
+        if self._send_to_nic(nic_key, transmit.envelope, kind="envelope"):
+            self.counters["outbox_transmissions"] += 1
 
     def send_dht(self, nic_key: PublicKey, message: bytes) -> None:
         """Send a DHT message to another NIC (best effort, like every bus frame)."""
         self._send_to_nic(nic_key, _nic_bus("dht", message))
 
-    def _send_to_nic(self, nic_key: PublicKey, data: bytes, *, kind: str = "frame") -> None:
-        """Queue for the sender: an envelope (packed with others) or a NicBus frame."""
+    def _send_to_nic(self, nic_key: PublicKey, data: bytes, *, kind: str = "frame") -> bool:
+        """Queue for the sender: an envelope (packed with others) or a NicBus frame.
+        False when the queue is full and it was dropped."""
         try:
             self._transmit_in.send_nowait((nic_key, kind, data))
         except trio.WouldBlock:
             self.counters["transmit_dropped"] += 1  # the outbox will retry
+            return False
+        return True
 
     def _status_update(self, change: StatusChanged, *, but: TwinSession | None = None) -> None:
         self._to_twin(change.source, "status", (change.id, change.status.value, change.code),
@@ -367,7 +383,7 @@ class TwinPort:
     def on_packet(self, source_nic: PublicKey, payload: bytes, hops: int) -> None:
         """An overlay payload packet arrived for this NIC."""
         try:
-            which, value = schemas.decode(_local.NicBus, payload, _read_nic_bus)
+            which, value = read_nic_bus(payload)
         except DecodeError as exc:
             self.counters["bad_bus_frames"] += 1
             self.log.warning("bad bus frame", nic=source_nic.short, reason=str(exc))
@@ -731,11 +747,7 @@ def _packets(queued: list[tuple[str, bytes]]) -> list[bytes]:
         if len(run) == 1:
             packets.append(_nic_bus("envelope", run[0]))
         elif run:
-            message = _local.NicBus.new_message()
-            envelopes = message.init("envelopes", len(run))
-            for index, envelope in enumerate(run):
-                envelopes[index] = envelope
-            packets.append(bytes(message.to_bytes()))
+            packets.append(flat.blob_list_message(_ENVELOPES_SECTION, run))
         run.clear()
         size = 0
 
@@ -760,10 +772,10 @@ async def _send_refused(framed: FramedStream, reason: str) -> None:
 
 
 def _nic_bus(which: str, value: Any) -> bytes:
-    message = _local.NicBus.new_message()
     if which == "envelope":
-        message.envelope = value
-    elif which == "dht":
+        return flat.message(_ENVELOPE_SECTION, (value,))
+    message = _local.NicBus.new_message()
+    if which == "dht":
         message.dht = value
     else:
         message_id, twin, code = value
@@ -772,6 +784,30 @@ def _nic_bus(which: str, value: Any) -> bytes:
         notice.twin = twin.raw
         notice.code = code
     return bytes(message.to_bytes())
+
+
+# NicBus union tags of the hot members, in the data section of a flat NicBus.
+_ENVELOPE_TAG = 0
+_ENVELOPES_TAG = 3
+_ENVELOPE_SECTION = flat.U16.pack(_ENVELOPE_TAG) + bytes(6)
+_ENVELOPES_SECTION = flat.U16.pack(_ENVELOPES_TAG) + bytes(6)
+
+
+def read_nic_bus(payload: bytes) -> tuple[str, Any]:
+    """A NicBus frame as `_read_nic_bus` reads it: envelopes in the flat layout
+    directly, anything else through pycapnp. Raises DecodeError."""
+    layout = flat.root(payload)
+    if layout is not None and layout[3] >= 1:
+        tag = flat.union_tag(payload, layout)
+        if tag == _ENVELOPE_TAG:
+            envelope = flat.blob_at(payload, layout[2])
+            if envelope is not None:
+                return "envelope", envelope
+        elif tag == _ENVELOPES_TAG:
+            envelopes = flat.blob_list_at(payload, layout[2])
+            if envelopes is not None:
+                return "envelopes", envelopes
+    return schemas.decode(_local.NicBus, payload, _read_nic_bus)
 
 
 def _read_nic_bus(reader: Any) -> tuple[str, Any]:

@@ -4,10 +4,17 @@ The router floods location records with its routing messages (a stand-in for the
 lookup that comes with findDigitalTwinById): every NIC keeps the record with the
 highest seqno for each twin, refuses records whose signature does not verify or that
 have expired, and forgets them when they expire. Bounded by `max_records`.
+
+Expiry is swept often (the router's 2 s housekeeping), so it must not cost a pass over
+every record: a heap of (expires, twin) finds the expired ones; entries of records
+since replaced are skipped when they surface, and the heap is rebuilt when such stale
+entries outnumber the records.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from dataclasses import dataclass, field
 
 from twinmesh.identity.keys import KEY_SIZE, SIGNATURE_SIZE, PublicKey
@@ -19,6 +26,9 @@ class Directory:
     max_records: int = 100_000
     records: dict[PublicKey, Location] = field(default_factory=dict)
     refused: int = 0
+    # (expires, tie-breaker, twin) for every record accepted; some are stale.
+    _expiry: list[tuple[float, int, PublicKey]] = field(default_factory=list, repr=False)
+    _ties: itertools.count[int] = field(default_factory=itertools.count, repr=False)
 
     def accept(self, location: Location, wall: float) -> bool:
         """Keep `location` if it is valid, unexpired and newer than what we hold.
@@ -35,6 +45,11 @@ class Directory:
             self.refused += 1
             return False
         self.records[location.twin] = location
+        heapq.heappush(self._expiry, (location.expires, next(self._ties), location.twin))
+        if len(self._expiry) > 2 * len(self.records) + 64:
+            self._expiry = [(loc.expires, next(self._ties), twin)
+                            for twin, loc in self.records.items()]
+            heapq.heapify(self._expiry)
         return True
 
     def locate(self, twin: PublicKey, wall: float) -> PublicKey | None:
@@ -47,8 +62,13 @@ class Directory:
         return [loc for loc in self.records.values() if loc.expires > wall]
 
     def purge(self, wall: float) -> None:
-        for twin in [t for t, loc in self.records.items() if loc.expires <= wall]:
-            del self.records[twin]
+        """Forget every record expired at `wall`."""
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= wall:
+            _, _, twin = heapq.heappop(expiry)
+            location = self.records.get(twin)
+            if location is not None and location.expires <= wall:
+                del self.records[twin]
 
 
 def location_from_wire(

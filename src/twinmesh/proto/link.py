@@ -64,7 +64,7 @@ from twinmesh.errors import (
     RemoteProtocolError,
 )
 from twinmesh.identity.keys import KEY_SIZE, SIGNATURE_SIZE, Identity, PublicKey
-from twinmesh.wire import schemas
+from twinmesh.wire import flat, schemas
 from twinmesh.wire.framing import DEFAULT_MAX_FRAME, PREFIX_SIZE, FrameDecoder, encode_frame
 
 VERSION = 1
@@ -237,9 +237,7 @@ class Link:
             raise LocalProtocolError(
                 f"payload of {len(payload)} bytes exceeds the link maximum of {self.max_payload}"
             )
-        message = _link.LinkMessage.new_message()
-        message.data = payload
-        self._send_message(message, now)
+        self._send_plaintext(encode_data(payload), now)
 
     def close(self, reason: str, now: float) -> list[Event]:
         """Close the link, telling the peer why if the session is up."""
@@ -465,6 +463,10 @@ class Link:
         self._last_received = now
         if not self._confirmed:
             self._become_up(now, events)
+        data = read_data(plaintext)
+        if data is not None:  # the hot path: an overlay payload in canonical form
+            events.append(DataReceived(data))
+            return
         which, value = schemas.decode(_link.LinkMessage, plaintext, _read_link_message)
         if which == "data":
             events.append(DataReceived(value))
@@ -499,6 +501,9 @@ class Link:
         self._send_message(message, now)
 
     def _send_message(self, message: Any, now: float) -> None:
+        self._send_plaintext(message.to_bytes(), now)
+
+    def _send_plaintext(self, plaintext: bytes, now: float) -> None:
         # Anything sent tells the peer we are alive, so the keepalive waits a full
         # interval after it: a link busy with data, or answering the peer's keepalives,
         # sends none of its own (half the idle frames and wake-ups of both sending).
@@ -510,7 +515,7 @@ class Link:
             raise LocalProtocolError("send counter exhausted; the link must be re-keyed")
         keys.send_counter += 1
         ciphertext = sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
-            message.to_bytes(), None, _nonce(counter), keys.send
+            plaintext, None, _nonce(counter), keys.send
         )
         self._queue_frame(COUNTER.pack(counter) + ciphertext)
 
@@ -537,6 +542,25 @@ class Link:
 def _new_handshake() -> _Handshake:
     private = nacl.utils.random(KEY_SIZE)
     return _Handshake(private, sodium.crypto_scalarmult_base(private))
+
+
+# LinkMessage's union tag for `data`, in the canonical data section of one word.
+_DATA_TAG = 3
+_DATA_SECTION = flat.U16.pack(_DATA_TAG) + bytes(6)
+
+
+def encode_data(payload: bytes) -> bytes:
+    """A `LinkMessage` whose member is `data = payload`, as pycapnp lays it out."""
+    return flat.message(_DATA_SECTION, (payload,))
+
+
+def read_data(plaintext: bytes) -> bytes | None:
+    """The payload of a flat `LinkMessage.data`, exactly as pycapnp reads it; None for
+    any other member or layout (then pycapnp decodes it)."""
+    layout = flat.root(plaintext)
+    if layout is None or layout[3] < 1 or flat.union_tag(plaintext, layout) != _DATA_TAG:
+        return None
+    return flat.blob_at(plaintext, layout[2])
 
 
 def _nonce(counter: int) -> bytes:

@@ -103,6 +103,7 @@ class Transmit:
     id: bytes
     destination: PublicKey
     envelope: bytes
+    attempt: int = 1  # 1 for the first send, more for retries
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,8 @@ class Outbox:
         if not entry.attempts:
             entry.first_sent = now
         entry.attempts += 1
-        out: list[Output] = [Transmit(entry.id, entry.destination, entry.envelope)]
+        out: list[Output] = [Transmit(entry.id, entry.destination, entry.envelope,
+                                      entry.attempts)]
         if entry.status is Status.QUEUED:
             entry.status = Status.SENT
             out.append(StatusChanged(entry.id, entry.source, Status.SENT))

@@ -58,7 +58,7 @@ from twinmesh.errors import DecodeError
 from twinmesh.identity.keys import KEY_SIZE, SIGNATURE_SIZE, Identity, PublicKey
 from twinmesh.proto.attach import Location
 from twinmesh.proto.directory import Directory, location_from_wire
-from twinmesh.wire import schemas
+from twinmesh.wire import flat, schemas
 
 ANNOUNCE_CONTEXT = b"twinmesh/route/v1/announce"
 INFINITY = 0xFFFF
@@ -205,6 +205,9 @@ class Router:
             "updates_in": 0, "updates_out": 0, "control_bytes_in": 0, "control_bytes_out": 0,
             "bad_signatures": 0, "rate_limited": 0, "packets_forwarded": 0,
             "packets_unroutable": 0, "routes_refused": 0,
+            # Packets this NIC originated (payloads, pings, pongs, unreachable notices),
+            # that arrived for it, and that it could not send for want of a route.
+            "packets_sent": 0, "packets_delivered": 0, "packets_no_route": 0,
         }
         self._signature = self._sign(seqno)
         self._signed_at = now
@@ -254,11 +257,17 @@ class Router:
         neighbor = self._neighbors.get(peer)
         if neighbor is None:
             return [Violation(peer, "overlay traffic from a peer that is not a neighbour")]
+        out: list[Output]
+        fast = read_payload_packet(data)
+        if fast is not None:  # the hot path: a payload packet in canonical form
+            out = []
+            self._receive_packet(peer, fast[0], now, out, raw=(data, fast[1]))
+            return out
         try:
             which, value = schemas.decode(_route.Overlay, data, _read_overlay)
         except DecodeError as exc:
             return [Violation(peer, str(exc))]
-        out: list[Output] = []
+        out = []
         if which == "routing":
             self.stats["control_bytes_in"] += len(data)
             updates, retractions, requests, locations = value
@@ -582,15 +591,19 @@ class Router:
         if next_hop is None:
             kind, value = body
             ping_id = value[0] if kind == "ping" else 0
+            self.stats["packets_no_route"] += 1
             out.append(Unreachable(destination, "noRoute", self.key, ping_id))
             return out
+        self.stats["packets_sent"] += 1
         out.append(SendTo(next_hop, _encode_packet(packet), control=False))
         return out
 
     def _receive_packet(
         self, peer: PublicKey, packet: tuple[bytes, bytes, int, tuple[str, Any]],
-        now: float, out: list[Output],
+        now: float, out: list[Output], raw: tuple[bytes, int] | None = None,
     ) -> None:
+        """`raw`: the packet's flat encoding and where its hop limit lies in it, so
+        forwarding patches one byte instead of encoding the packet again."""
         source_raw, destination_raw, hop_limit, body = packet
         if len(source_raw) != KEY_SIZE or len(destination_raw) != KEY_SIZE:
             out.append(Violation(peer, "packet with a malformed address"))
@@ -611,8 +624,12 @@ class Router:
         if kind == "unreachable" and next_hop == peer:
             return  # never bounce an error back and forth
         self.stats["packets_forwarded"] += 1
-        out.append(SendTo(next_hop, _encode_packet(
-            (source_raw, destination_raw, hop_limit - 1, body)), control=False))
+        if raw is not None:
+            data, at = raw
+            forwarded = b"".join((data[:at], _HOP_BYTES[hop_limit - 1], data[at + 1:]))
+        else:
+            forwarded = _encode_packet((source_raw, destination_raw, hop_limit - 1, body))
+        out.append(SendTo(next_hop, forwarded, control=False))
 
     def _arrive(
         self, packet: tuple[bytes, bytes, int, tuple[str, Any]], hops: int, now: float,
@@ -620,6 +637,7 @@ class Router:
     ) -> None:
         source_raw, _, _, (kind, value) = packet
         source = PublicKey(source_raw)
+        self.stats["packets_delivered"] += 1
         if kind == "payload":
             out.append(Delivered(source, value, hops))
         elif kind == "ping":
@@ -654,7 +672,10 @@ class Router:
         next_hop = self._next_hop(destination)
         if next_hop is not None:
             packet = (self.key.raw, destination.raw, HOP_LIMIT, body)
+            self.stats["packets_sent"] += 1
             out.append(SendTo(next_hop, _encode_packet(packet), control=False))
+        else:
+            self.stats["packets_no_route"] += 1
 
     def _next_hop(self, destination: PublicKey) -> PublicKey | None:
         # A linked neighbour is reached directly, even before its announcement arrives:
@@ -824,8 +845,53 @@ def _feasible(fd: tuple[int, int] | None, seqno: int, metric: int) -> bool:
     return seqno > fd[0] or (seqno == fd[0] and metric < fd[1])
 
 
+# An Overlay message holding a payload packet, as pycapnp lays it out: segment table,
+# root pointer, Overlay (tag `packet`, a pointer to the Packet right after it), Packet
+# (hop limit, body tag `payload`; source, destination and payload pointers), blobs.
+_PAYLOAD_HEAD = struct.Struct("<IIQH6xQBxH4x3Q")
+_OVERLAY_ROOT = flat.struct_pointer(0, 1, 1)
+_PACKET_POINTER = flat.struct_pointer(0, 1, 3)
+_PACKET_TAG = 1
+_PAYLOAD_TAG = 0
+_HOP_BYTES = [bytes((hops,)) for hops in range(256)]
+
+
+def encode_payload_packet(source: bytes, destination: bytes, hop_limit: int,
+                          payload: bytes) -> bytes:
+    """An `Overlay` packet carrying `payload`, byte for byte what pycapnp builds."""
+    body, pointers = flat.lay_out((source, destination, payload))
+    words = 7 + sum(len(b) for b in body) // 8
+    return b"".join((_PAYLOAD_HEAD.pack(0, words, _OVERLAY_ROOT, _PACKET_TAG, _PACKET_POINTER,
+                                        hop_limit, _PAYLOAD_TAG, *pointers), *body))
+
+
+def read_payload_packet(
+    data: bytes,
+) -> tuple[tuple[bytes, bytes, int, tuple[str, Any]], int] | None:
+    """A payload packet in the canonical flat layout (what `encode_payload_packet` and
+    pycapnp write) as `_read_overlay` returns it, with the byte offset of its hop limit;
+    None for anything else, which pycapnp then decodes."""
+    layout = flat.root(data)
+    if layout is None or layout[1] != 1 or layout[3] != 1 \
+            or flat.union_tag(data, layout) != _PACKET_TAG:
+        return None
+    packet = flat.struct_at(data, layout[2])
+    if packet is None or packet[1] != 1 or packet[3] != 3 \
+            or flat.union_tag(data, packet, 1) != _PAYLOAD_TAG:
+        return None
+    start, _, pointers, _ = packet
+    source = flat.blob_at(data, pointers)
+    destination = flat.blob_at(data, pointers + 8)
+    payload = flat.blob_at(data, pointers + 16)
+    if source is None or destination is None or payload is None:
+        return None
+    return (source, destination, data[start], ("payload", payload)), start
+
+
 def _encode_packet(packet: tuple[bytes, bytes, int, tuple[str, Any]]) -> bytes:
     source, destination, hop_limit, (kind, value) = packet
+    if kind == "payload":
+        return encode_payload_packet(source, destination, hop_limit, value)
     message = _route.Overlay.new_message()
     p = message.init("packet")
     p.source = source

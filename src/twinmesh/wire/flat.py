@@ -1,0 +1,180 @@
+"""Cap'n Proto for the hot, simple shapes, without pycapnp (sans-I/O).
+
+Every packet a NIC handles is three nested messages (`LinkMessage.data` holding an
+`Overlay` packet holding a `NicBus` frame), and pycapnp costs microseconds per message
+and per field. The shapes on that path are plain: one segment, a root struct with a
+union tag, byte blobs and lists of them. This module reads and writes exactly those.
+
+Reading is a shortcut, never a second opinion: every reader returns None for anything
+it does not recognise as the canonical flat form (several segments, far pointers,
+another union member, a struct of another size, out-of-bounds pointers, blobs that
+overlap so their total exceeds the message), and the caller then decodes with pycapnp,
+which accepts or refuses as before. Whatever a reader does return is what pycapnp
+would have read from the same bytes (tests/wire/test_flat.py checks this on random and
+damaged input). Writers produce the bytes pycapnp's own builder produces for a small
+message, in one segment.
+
+Word layout reminders (all little-endian): a message starts with its segment table
+(segment count - 1, then each segment's size in words); a struct pointer is
+`offset << 2 | data_words << 32 | pointers << 48`; a list pointer is
+`1 | offset << 2 | element_size << 32 | count << 35`, with element size 2 for bytes and
+6 for pointers; offsets count words from the end of the pointer itself.
+"""
+
+from __future__ import annotations
+
+import struct
+
+U16 = struct.Struct("<H")
+U64 = struct.Struct("<Q")
+_SEGMENT_TABLE = struct.Struct("<II")
+_BYTE_LIST = 2
+_POINTER_LIST = 6
+_ZEROS = bytes(8)
+
+# (data section start, data words, pointer section start, pointer count)
+Layout = tuple[int, int, int, int]
+
+
+def root(data: bytes) -> Layout | None:
+    """Where the root struct of a one-segment message lies, or None."""
+    if len(data) < 16:
+        return None
+    segments_minus_one, words = _SEGMENT_TABLE.unpack_from(data, 0)
+    if segments_minus_one != 0 or 8 + words * 8 != len(data):
+        return None
+    return struct_at(data, 8)
+
+
+def struct_at(data: bytes, position: int) -> Layout | None:
+    """The struct the pointer at byte `position` points to; None when the pointer is
+    null, not a struct pointer, or out of bounds."""
+    (word,) = U64.unpack_from(data, position)
+    if word & 3 != 0 or word == 0:
+        return None
+    start = position + 8 + _offset(word) * 8
+    data_words = (word >> 32) & 0xFFFF
+    pointers = word >> 48
+    if start < 8 or start + (data_words + pointers) * 8 > len(data):
+        return None
+    return start, data_words, start + data_words * 8, pointers
+
+
+def blob_at(data: bytes, position: int) -> bytes | None:
+    """The Data behind the pointer at byte `position`: b"" when null; None when it is
+    not a byte list in bounds."""
+    (word,) = U64.unpack_from(data, position)
+    if word == 0:
+        return b""
+    if word & 3 != 1 or (word >> 32) & 7 != _BYTE_LIST:
+        return None
+    start = position + 8 + _offset(word) * 8
+    end = start + (word >> 35)
+    if start < 8 or end > len(data):
+        return None
+    return data[start:end]
+
+
+def blob_list_at(data: bytes, position: int) -> list[bytes] | None:
+    """The List(Data) behind the pointer at byte `position` ([] when null); None when
+    it is not a pointer list in bounds, an item is not a byte list in bounds, or the
+    items add up to more bytes than the message (shared blobs: pycapnp's traversal
+    limit decides those)."""
+    (word,) = U64.unpack_from(data, position)
+    if word == 0:
+        return []
+    if word & 3 != 1 or (word >> 32) & 7 != _POINTER_LIST:
+        return None
+    start = position + 8 + _offset(word) * 8
+    count = word >> 35
+    if start < 8 or start + count * 8 > len(data):
+        return None
+    items: list[bytes] = []
+    total = 0
+    for item in range(start, start + count * 8, 8):
+        blob = blob_at(data, item)
+        if blob is None:
+            return None
+        total += len(blob)
+        items.append(blob)
+    if total > len(data):
+        return None
+    return items
+
+
+def union_tag(data: bytes, layout: Layout, offset: int = 0) -> int | None:
+    """The u16 union discriminant at `offset` (in u16 units) of the struct's data
+    section; None when the data section does not reach it (pycapnp reads 0 then)."""
+    start, data_words, _, _ = layout
+    if (offset + 1) * 2 > data_words * 8:
+        return None
+    return int(U16.unpack_from(data, start + offset * 2)[0])
+
+
+def _offset(word: int) -> int:
+    offset = (word >> 2) & 0x3FFFFFFF
+    return offset - 0x40000000 if offset & 0x20000000 else offset
+
+
+# ------------------------------------------------------------------ writing
+
+
+def message(data_section: bytes, blobs: tuple[bytes, ...] | list[bytes]) -> bytes:
+    """A one-segment message whose root struct has `data_section` (whole words) and
+    one Data pointer per blob, the blobs after it in order (pycapnp's layout)."""
+    body, pointers = lay_out(blobs)
+    words = len(data_section) // 8
+    count = len(blobs)
+    return b"".join((
+        _SEGMENT_TABLE.pack(0, 1 + words + count + sum(len(b) for b in body) // 8),
+        U64.pack(struct_pointer(0, words, count)), data_section,
+        struct.pack(f"<{count}Q", *pointers), *body,
+    ))
+
+
+def blob_list_message(data_section: bytes, items: list[bytes]) -> bytes:
+    """A one-segment message whose root struct has `data_section` and one pointer, to
+    a List(Data) of `items` (pycapnp's layout)."""
+    body, pointers = lay_out(items)
+    words = len(data_section) // 8
+    count = len(items)
+    size = 1 + words + 1 + count + sum(len(b) for b in body) // 8
+    return b"".join((
+        _SEGMENT_TABLE.pack(0, size), U64.pack(struct_pointer(0, words, 1)), data_section,
+        U64.pack(1 | (_POINTER_LIST << 32) | (count << 35)),
+        struct.pack(f"<{count}Q", *pointers), *body,
+    ))
+
+
+def struct_pointer(offset: int, data_words: int, pointers: int) -> int:
+    return ((offset & 0x3FFFFFFF) << 2) | (data_words << 32) | (pointers << 48)
+
+
+def blob_pointer(offset: int, size: int) -> int:
+    """A byte-list pointer (0 for an empty blob, as pycapnp writes it)."""
+    if not size:
+        return 0
+    return 1 | ((offset & 0x3FFFFFFF) << 2) | (_BYTE_LIST << 32) | (size << 35)
+
+
+def padded(blob: bytes) -> list[bytes]:
+    """`blob` and the zeros that pad it to a whole word."""
+    pad = -len(blob) & 7
+    return [blob, _ZEROS[:pad]] if pad else [blob]
+
+
+def lay_out(blobs: tuple[bytes, ...] | list[bytes]) -> tuple[list[bytes], list[int]]:
+    """The padded bodies of `blobs` laid out after a run of their pointers, and the
+    pointers (each offset counts from its own end to its blob)."""
+    body: list[bytes] = []
+    pointers: list[int] = []
+    position = 0  # words from the end of the pointer run to the next blob
+    remaining = len(blobs)
+    for blob in blobs:
+        remaining -= 1
+        size = len(blob)
+        pointers.append(blob_pointer(remaining + position, size))
+        if size:
+            body += padded(blob)
+            position += (size + 7) >> 3
+    return body, pointers
