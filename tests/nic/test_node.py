@@ -181,3 +181,20 @@ async def test_metrics_count_links_and_traffic(autojump_clock: trio.testing.Mock
                           metrics["twinmesh_link_bytes_total"].samples)
             assert frames["in"] > 10_000
             assert a.nic.healthy()
+
+
+async def test_send_nowait_delivers_or_says_no_route(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with nic_mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            b.nic.add_peer(a.pinned)
+            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+            with pytest.raises(NoRouteError):
+                b.nic.send_nowait(Identity.generate().public, b"nowhere")
+            assert b.nic.send_nowait(a.nic.key, b"at once")
+            await wait_for(lambda: bool(a.received))
+            await trio.sleep(1)
+            assert a.received == [(b.nic.key, b"at once")]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import trio
 import trio.testing
 
+from twinmesh.errors import NoRouteError
 from twinmesh.identity.keys import Identity
+from twinmesh.nic.health import render_prometheus
 from twinmesh.testing.memnet import MemoryNetwork
 from twinmesh.testing.nics import MeshNode, nic_mesh, wait_for
 
@@ -90,3 +93,37 @@ async def test_a_dead_end_gets_no_route_after_the_far_side_goes_away(
             await wait_for(lambda: a.nic.overlay.lookup(c.nic.key) is None)
             reply = await a.nic.ping(c.nic.key)
             assert reply.error == "noRoute"
+
+
+def sent_metric(node: MeshNode) -> float:
+    rows = samples(render_prometheus(node.nic.metrics()))
+    return rows['twinmesh_overlay_packets_total{kind="sent"}']
+
+
+def samples(text: str) -> dict[str, float]:
+    return {row.rsplit(" ", 1)[0]: float(row.rsplit(" ", 1)[1])
+            for row in text.splitlines() if row and not row.startswith("#")}
+
+
+async def test_send_nowait_falls_back_when_the_first_link_is_full_and_counts_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(60):
+        async with nic_mesh(net, ["a", "b"], send_queue=4) as n:
+            line(n, ["a", "b"])
+            a, b = n["a"], n["b"]
+            await wait_for(lambda: a.nic.overlay.lookup(b.nic.key) is not None)
+            with pytest.raises(NoRouteError):
+                a.nic.overlay.send_nowait(Identity.generate().public, b"nowhere")
+            before = sent_metric(a)
+            # No checkpoint in between: the link's writer cannot drain its queue.
+            taken = [i for i in range(10) if a.nic.overlay.send_nowait(b.nic.key, b"p%d" % i)]
+            # The queue's 4 (plus one handed to the writer waiting for it), in order.
+            assert 4 <= len(taken) < 10 and taken == list(range(len(taken)))
+            for i in range(len(taken), 10):  # what did not fit: the caller waits for room
+                await a.nic.overlay.send(b.nic.key, b"p%d" % i)
+            await wait_for(lambda: len(b.received) == 10)
+            await trio.sleep(1)
+            assert [data for _, data in b.received] == [b"p%d" % i for i in range(10)]
+            assert sent_metric(a) - before == 10

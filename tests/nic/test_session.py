@@ -1,7 +1,10 @@
-"""The trio shell around one link core, over in-memory streams."""
+"""The trio shell around one link core, over in-memory streams and real sockets."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -11,7 +14,7 @@ import trio.testing
 
 from twinmesh.errors import LinkClosedError, LocalProtocolError
 from twinmesh.identity.keys import Identity
-from twinmesh.nic.session import LinkSession
+from twinmesh.nic.session import MAX_CONTROL_BACKLOG, LinkSession
 from twinmesh.proto.link import DownKind, Link, LinkConfig, LinkDown
 from twinmesh.testing.memnet import MemoryNetwork
 
@@ -178,3 +181,167 @@ async def test_peer_vanishing_is_reported_once(autojump_clock: trio.testing.Mock
             await trio.sleep(10)
             assert len(ra.downs) == len(rb.downs) == 1
             assert ra.downs[0].kind is DownKind.TIMEOUT
+
+
+# Small kernel buffers: a large payload only partly fits, so writes leave bytes behind.
+SMALL_BUFFER = 4096
+# No keepalive during a test: nothing but the session's own wake-ups flushes leftovers.
+QUIET = LinkConfig(keepalive_interval=60.0, dead_after=120.0, handshake_timeout=3.0,
+                   rtt_interval=60.0)
+
+
+def shrink(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+
+
+@asynccontextmanager
+async def socket_pair(kind: str) -> AsyncIterator[tuple[trio.SocketStream, trio.SocketStream]]:
+    """Two connected real sockets (a Unix socket pair or loopback TCP), small buffers."""
+    if kind == "unix":
+        left, right = trio.socket.socketpair()
+        shrink(left)
+        shrink(right)
+    else:
+        listener = trio.socket.socket()
+        shrink(listener)  # an accepted socket inherits the listener's buffers
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        left = trio.socket.socket()
+        shrink(left)
+        await left.connect(listener.getsockname())
+        right, _ = await listener.accept()
+        listener.close()
+    async with trio.SocketStream(left) as a, trio.SocketStream(right) as b:
+        yield a, b
+
+
+def socket_sessions(
+    sa: trio.SocketStream, sb: trio.SocketStream, send_queue: int = 256
+) -> tuple[LinkSession, Recorder, LinkSession, Recorder]:
+    now = trio.current_time()
+    ra, rb = Recorder(), Recorder()
+    a = LinkSession(Link(Identity.generate(), initiator=True, now=now, config=QUIET), sa, ra,
+                    direction="outbound", uri="tcp://b", carrier="tcp", send_queue=send_queue)
+    b = LinkSession(Link(Identity.generate(), initiator=False, now=now, config=QUIET), sb, rb,
+                    direction="inbound", uri="tcp://a", carrier="tcp")
+    return a, ra, b, rb
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+async def test_payloads_larger_than_the_socket_buffer_arrive_whole_once_in_order(
+    kind: str,
+) -> None:
+    # The first large payload is written straight to the socket, which takes only part
+    # of it; the sends after it (data, control, nowait) must queue behind the rest.
+    with trio.fail_after(20):
+        async with socket_pair(kind) as (sa, sb), trio.open_nursery() as nursery:
+            a, ra, b, rb = socket_sessions(sa, sb)
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            await wait_until(ra, lambda: ra.ups == 1)
+            expected: list[bytes] = []
+            for i in range(30):
+                big = bytes([i]) * (20_000 + 997 * i)
+                await a.send(big)
+                a.send_control(b"control %d" % i)
+                a.send_nowait(b"small %d" % i)
+                expected += [big, b"control %d" % i, b"small %d" % i]
+                if i % 3 == 2:  # let the writer drain now and then: direct writes again
+                    await trio.lowlevel.checkpoint()
+            await wait_until(rb, lambda: len(rb.data) >= len(expected) or bool(rb.downs))
+            # A lone one, nothing after it: the writer alone must write its rest.
+            expected.append(b"L" * 300_000)
+            await a.send(expected[-1])
+            await wait_until(rb, lambda: len(rb.data) >= len(expected) or bool(rb.downs))
+            assert not rb.downs and not ra.downs
+            assert rb.data == expected
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+async def test_a_socket_peer_that_stops_reading_gets_bounded_back_pressure(kind: str) -> None:
+    with trio.fail_after(20):
+        async with socket_pair(kind) as (sa, sb), trio.open_nursery() as nursery:
+            ra = Recorder()
+            a = LinkSession(Link(Identity.generate(), initiator=True, now=trio.current_time(),
+                                 config=CONFIG),
+                            sa, ra, direction="outbound", uri="tcp://b", carrier="tcp",
+                            send_queue=4)
+            peer = Link(Identity.generate(), initiator=False, now=trio.current_time(),
+                        config=CONFIG)
+            nursery.start_soon(a.run)
+            # Drive the peer's handshake by hand, then never read again.
+            peer.receive_data(await sb.receive_some(), trio.current_time())
+            await sb.send_all(peer.data_to_send())
+            await wait_until(ra, lambda: ra.ups == 1)
+            sent = 0
+            for _ in range(5):  # TCP may find a little more room meanwhile: try again
+                with pytest.raises(trio.WouldBlock):
+                    for _ in range(10_000):
+                        a.send_nowait(b"y" * 10_000)
+                        sent += 1
+                        await trio.lowlevel.checkpoint()
+                assert a.queue_statistics().current_buffer_used == 4
+                with trio.move_on_after(0.5) as blocked:
+                    await a.send(b"z")
+                if blocked.cancelled_caught:
+                    break
+            assert blocked.cancelled_caught
+            # Bounded: the kernel's buffers plus the queue, not 10 000 payloads.
+            assert sent < 300
+            # Control is never dropped, but a peer that takes none of it is not there.
+            for i in range(MAX_CONTROL_BACKLOG + 1):
+                a.send_control(b"route %d" % i)
+            await wait_until(ra, lambda: bool(ra.downs))
+            assert "control backlog overflow" in ra.downs[0].reason
+            with pytest.raises(LinkClosedError):
+                a.send_nowait(b"after")
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+async def test_sends_that_yield_between_them_keep_their_order(kind: str) -> None:
+    # Every send yields, so the writer is caught at each point of its loop (holding a
+    # payload it took from the queue, writing under the lock, parked): a direct write
+    # must never overtake a payload already handed to it.
+    with trio.fail_after(20):
+        async with socket_pair(kind) as (sa, sb), trio.open_nursery() as nursery:
+            a, ra, b, rb = socket_sessions(sa, sb)
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            await wait_until(ra, lambda: ra.ups == 1)
+            expected = [b"%d:" % i + b"x" * (i * 7919 % 30_000) for i in range(400)]
+            for payload in expected:
+                await a.send(payload)
+                await trio.lowlevel.checkpoint()
+            await wait_until(rb, lambda: len(rb.data) >= len(expected) or bool(rb.downs))
+            assert rb.data == expected
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+async def test_a_send_right_after_the_writer_takes_a_payload_goes_after_it(kind: str) -> None:
+    # The writer takes a queued payload and yields before writing it: a direct write in
+    # that moment would overtake it. Which task runs first is trio's (random) choice,
+    # so the moment is made many times.
+    with trio.fail_after(20):
+        async with socket_pair(kind) as (sa, sb), trio.open_nursery() as nursery:
+            a, ra, b, rb = socket_sessions(sa, sb)
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            await wait_until(ra, lambda: ra.ups == 1)
+            expected: list[bytes] = []
+            for i in range(30):
+                big = b"B%d" % i * 50_000
+                await a.send(big)  # the kernel takes part; the writer is woken for the rest
+                await trio.lowlevel.checkpoint()  # it now writes the rest, blocking until b reads
+                await a.send(b"first %d" % i)  # queued behind that write
+                while a.queue_statistics().current_buffer_used:  # the writer took it
+                    await trio.lowlevel.checkpoint()
+                await a.send(b"second %d" % i)
+                expected += [big, b"first %d" % i, b"second %d" % i]
+                want = len(expected)
+                await wait_until(rb, lambda: len(rb.data) >= want or bool(rb.downs))  # noqa: B023
+            assert rb.data == expected
+            nursery.cancel_scope.cancel()

@@ -3,18 +3,22 @@ sockets, NICs link over the in-memory network, envelopes cross the overlay."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from twinmesh.bus.client import BusClient, BusError, text_message
 from twinmesh.bus.inbox_store import InboxStore
-from twinmesh.identity.keys import Identity
+from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.health import render_prometheus
 from twinmesh.proto.attach import sign_attach
+from twinmesh.proto.outbox import OutboxConfig, Status
 from twinmesh.testing.bus import bus_line
+from twinmesh.testing.nics import wait_for
 from twinmesh.wire import schemas
 
 
@@ -186,3 +190,109 @@ async def test_a_twin_without_the_key_cannot_attach(tmp_path: Path) -> None:
                                        lambda r: str(r.which()))
                 assert which == "refused"
                 assert await framed.receive() is None  # and the NIC hangs up
+
+
+async def test_acks_arriving_during_a_durable_commit_are_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    with trio.fail_after(30):
+        async with (
+            bus_line(tmp_path, ["a", "b"]) as n,
+            BusClient.connect(alice, tmp_path / "a") as a_bus,
+            BusClient.connect(bob, tmp_path / "b") as b_bus,
+            trio.open_nursery() as nursery,
+        ):
+            await n["a"].wait_located(bob.public)
+            port = n["a"].port
+            held: list[tuple[PublicKey, bytes]] = []
+
+            def hold(source: PublicKey, frame: bytes) -> list[bytes]:
+                held.append((source, frame))
+                return []
+
+            n["a"].intercept(hold)
+            first = await a_bus.send(bob.public, text_message("one"))
+            assert (await b_bus.receive()).id == first
+            await wait_for(lambda: bool(held), step=0.01)  # Bob's ack, held back
+            # The next durable commit (a new submission) stops in its thread until told.
+            store = port._store
+            assert store is not None
+            apply = store.apply
+            in_commit, release = trio.Event(), threading.Event()
+            overlapping: list[bool] = []
+            busy = threading.Lock()
+
+            def gated(outputs: Any, now: float | None = None, *, power_safe: bool = True) -> None:
+                if not busy.acquire(blocking=False):
+                    overlapping.append(True)  # two commits at once
+                    apply(outputs, now, power_safe=power_safe)
+                    return
+                try:
+                    if power_safe and not release.is_set():
+                        trio.from_thread.run_sync(in_commit.set)
+                        release.wait(10)
+                    apply(outputs, now, power_safe=power_safe)
+                finally:
+                    busy.release()
+
+            monkeypatch.setattr(store, "apply", gated)
+            second: list[bytes] = []
+
+            async def submit() -> None:
+                second.append(await a_bus.send(bob.public, text_message("two")))
+
+            nursery.start_soon(submit)
+            await in_commit.wait()
+            n["a"].intercept(None)
+            for source, frame in held:  # the ack arrives while the commit runs
+                port.on_packet(source, frame, 1)
+            await trio.sleep(0.05)
+            release.set()
+            assert await a_bus.wait_status(first, timeout=10) == ("delivered", "")
+            await wait_for(lambda: bool(second), step=0.01)
+            assert (await b_bus.receive()).id == second[0]
+            assert await a_bus.wait_status(second[0], timeout=10) == ("delivered", "")
+            # Nothing to resend after a restart: both are delivered in the store too.
+            await wait_for(lambda: all(e.status is Status.DELIVERED for e in store.load()),
+                           step=0.01)
+            assert {e.id for e in store.load()} == {first, second[0]}
+            assert not overlapping
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_twin_slow_to_read_gets_all_its_frames_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    # No retries meanwhile: every message reaches Bob's NIC once.
+    outbox = OutboxConfig(initial_retry=30.0, max_retry=60.0)
+    with trio.fail_after(60):
+        async with (
+            bus_line(tmp_path, ["a", "b"], outbox=outbox) as n,
+            BusClient.connect(alice, tmp_path / "a") as a_bus,
+            BusClient.connect(bob, tmp_path / "b") as b_bus,
+        ):
+            await n["a"].wait_located(bob.public)
+            # Bob's client stops reading its socket at the first delivery until told.
+            reading = trio.Event()
+            delivered = b_bus._delivered
+
+            async def stalled(envelopes: list[bytes]) -> None:
+                await reading.wait()
+                await delivered(envelopes)
+
+            monkeypatch.setattr(b_bus, "_delivered", stalled)
+            [session] = n["b"].port.sessions[bob.public]
+            mailbox = session.outgoing
+            ids = [await a_bus.send(bob.public, text_message(f"{i}:" + "x" * 20_000))
+                   for i in range(60)]
+            # Far more than the socket takes: some waits in the NIC for Bob to read.
+            await wait_for(lambda: bool(mailbox.items or mailbox.unsent), step=0.01)
+            reading.set()
+            got = [await b_bus.receive() for _ in ids]
+            assert [m.id for m in got] == ids
+            assert [m.decode(schemas.rmb.TextMessage)["body"].split(":")[0] for m in got] == [
+                str(i) for i in range(60)]
+            for message_id in ids:
+                assert await a_bus.wait_status(message_id, timeout=10) == ("delivered", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
@@ -69,3 +70,25 @@ async def connected(
         raise TimeoutError(f"connecting to {uri} timed out after {timeout:g} s")
     async with stream:
         yield stream
+
+
+def nowait_writer(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
+    """A function writing to `stream` without blocking, or None when the stream has no
+    such path (only a plain socket has one). It returns how many bytes the kernel took
+    (0 when its buffer is full) and raises OSError when the connection is broken or
+    closed. The caller must not call it while a `send_all` on the stream is running.
+
+    Why: a trio `send_all` costs a trip through the run loop (and usually a writer
+    task's wake-up); a write the kernel can take at once needs neither."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    sock = stream.socket
+
+    def write(data: bytes) -> int:
+        # fileno() is -1 once the socket is closed: EBADF, never another file.
+        try:
+            return os.write(sock.fileno(), data)
+        except BlockingIOError:
+            return 0
+
+    return write

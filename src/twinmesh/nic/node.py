@@ -306,6 +306,10 @@ class Nic:
         Raises NoRouteError when the overlay has no route to `destination`."""
         await self.overlay.send(destination, payload)
 
+    def send_nowait(self, destination: PublicKey, payload: bytes) -> bool:
+        """`send` without waiting: False when it would have to wait for room."""
+        return self.overlay.send_nowait(destination, payload)
+
     async def ping(self, destination: PublicKey, timeout: float = 2.0) -> PingReply:
         return await self.overlay.ping(destination, timeout)
 

@@ -125,6 +125,33 @@ class Overlay:
             else:
                 self._handle([output])
 
+    def send_nowait(self, destination: PublicKey, payload: bytes) -> bool:
+        """`send` without waiting: False when the first link's queue is full (the
+        caller then uses `send`, which waits for room). Raises as `send` does."""
+        router = self._router()
+        # Check for room before routing: routing counts the packet as sent, and the
+        # caller's `send` would route (and count) it again.
+        next_hop = router.next_hop(destination)
+        first = self.sessions.get(next_hop) if next_hop is not None else None
+        if first is not None and not first.has_room():
+            return False
+        for output in router.send_payload(destination, payload, trio.current_time()):
+            if isinstance(output, SendTo):
+                session = self.sessions.get(output.peer)
+                if session is None:
+                    self.dropped += 1
+                    raise NoRouteError(f"no route to {destination.text}")
+                try:
+                    session.send_nowait(output.data)
+                except LinkClosedError:
+                    self.dropped += 1
+                    raise NoRouteError(f"the link towards {destination.text} went down") from None
+            elif isinstance(output, Unreachable):
+                raise NoRouteError(f"no route to {destination.text}")
+            else:
+                self._handle([output])
+        return True
+
     async def ping(self, destination: PublicKey, timeout: float = 2.0) -> PingReply:
         """One overlay ping: RTT and hop count, or why it failed."""
         router = self._router()

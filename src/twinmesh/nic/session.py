@@ -8,13 +8,19 @@ the core (trio runs them on one thread, and every core call is synchronous):
   into one write (back-pressure: `send()` blocks while the queue is full);
 - the timer sleeps until `core.get_timer()` and calls `handle_timer`.
 
-Only this module writes to the stream, always under `_send_lock`, so a keepalive ack
-and a data batch never interleave. Events go to the owner through `LinkObserver`.
+Only this module writes to the stream, so a keepalive ack and a data batch never
+interleave: either under `_send_lock` (`send_all`), or, while nobody holds it and
+nothing waits to be written, synchronously without blocking (a plain socket takes
+what fits in its kernel buffer; what does not fit waits in `_unsent` for the next
+locked write). That direct path spares a packet the writer task's wake-up and the
+trips through the run loop: most packets leave from the task that made them.
+Events go to the owner through `LinkObserver`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import time
 from typing import Protocol
@@ -22,6 +28,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from twinmesh.carriers.base import nowait_writer
 from twinmesh.errors import LinkClosedError, LocalProtocolError
 from twinmesh.identity.keys import PublicKey
 from twinmesh.proto.link import DataReceived, DownKind, Event, Link, LinkDown, LinkUp, State
@@ -74,6 +81,14 @@ class LinkSession:
         self._finished = trio.Event()
         self._down_event = trio.Event()
         self._control_backlog: collections.deque[bytes] = collections.deque()
+        self._write_nowait = nowait_writer(stream)
+        # Bytes the core produced that the kernel did not take yet: they go before
+        # anything else, and while there are some every write waits for the lock.
+        self._unsent = b""
+        # Payloads put in the queue and not yet fed to the core. The queue's own count
+        # misses one handed to a waiting writer, or taken by it before it yields: a
+        # direct write then would overtake it.
+        self._queued = 0
         self.log = structlog.get_logger("twinmesh.link").bind(
             link=self.id, direction=direction, uri=uri
         )
@@ -91,28 +106,38 @@ class LinkSession:
     async def send(self, payload: bytes) -> None:
         """Queue a payload, waiting while the send queue is full (back-pressure).
 
-        Always a cancel point; a schedule point only when the queue is full. A sender
-        in a tight loop therefore runs ahead by at most `send_queue` payloads before it
-        yields, and the writer then drains them in one write: 2.3x the messages per
-        second of yielding on every call (docs/BENCHMARKS.md).
+        Always a cancel point; a schedule point only when the queue is full. With
+        nothing ahead of it the payload is written at once (see the module docstring).
+        Otherwise a sender in a tight loop runs ahead by at most `send_queue` payloads
+        before it yields, and the writer then drains them in one write: 2.3x the
+        messages per second of yielding on every call (docs/BENCHMARKS.md).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_sendable(payload)
+        if self._send_directly(payload):
+            return
         try:
-            self._queue_in.send_nowait(payload)
+            self._enqueue(payload)
         except trio.WouldBlock:
+            self._queued += 1  # before the wait: the writer may take it before we resume
             try:
                 await self._queue_in.send(payload)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._queued -= 1
                 raise LinkClosedError(f"link {self.id} is closed") from None
+            except BaseException:
+                self._queued -= 1
+                raise
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise LinkClosedError(f"link {self.id} is closed") from None
 
     def send_nowait(self, payload: bytes) -> None:
         """Queue a payload or raise trio.WouldBlock when the send queue is full."""
         self._check_sendable(payload)
+        if self._send_directly(payload):
+            return
         try:
-            self._queue_in.send_nowait(payload)
+            self._enqueue(payload)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise LinkClosedError(f"link {self.id} is closed") from None
 
@@ -121,9 +146,11 @@ class LinkSession:
         send queue, or when that is full into a bounded backlog sent right after it.
         A peer so slow that the backlog overflows is not really there: the link closes."""
         self._check_sendable(payload)
+        if self._send_directly(payload):
+            return
         if not self._control_backlog:
             try:
-                self._queue_in.send_nowait(payload)
+                self._enqueue(payload)
                 return
             except trio.WouldBlock:
                 pass
@@ -143,6 +170,11 @@ class LinkSession:
 
     async def wait_finished(self) -> None:
         await self._finished.wait()
+
+    def has_room(self) -> bool:
+        """Whether `send_nowait` would take a payload now (no trio.WouldBlock)."""
+        stats = self._queue_in.statistics()
+        return stats.current_buffer_used < stats.max_buffer_size
 
     def queue_statistics(self) -> trio.MemoryChannelStatistics:
         return self._queue_in.statistics()
@@ -169,7 +201,7 @@ class LinkSession:
                 if self.down is None:
                     # Cancelled from outside (the NIC is stopping): say so to the peer.
                     self._dispatch(self.core.close("NIC shutting down", trio.current_time()))
-                if self.core.has_data_to_send:  # a goodbye (Close, Refuse) not yet sent
+                if self._unsent or self.core.has_data_to_send:  # a goodbye not yet sent
                     with trio.move_on_after(GOODBYE_TIMEOUT):
                         await self._flush()
                 self._queue_in.close()
@@ -191,17 +223,21 @@ class LinkSession:
 
     async def _writer(self) -> None:
         async for payload in self._queue_out:
+            self._queued -= 1
             if self.down is not None:
                 return
             now = trio.current_time()
-            self.core.send_data(payload, now)
+            if payload:  # empty: only a wake-up to write what `_unsent` holds
+                self.core.send_data(payload, now)
             size = len(payload)
             while size < WRITE_BATCH_BYTES:
                 try:
                     more = self._queue_out.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                self.core.send_data(more, now)
+                self._queued -= 1
+                if more:
+                    self.core.send_data(more, now)
                 size += len(more)
             # Control that did not fit in the queue goes after what was already queued,
             # so control messages keep their order.
@@ -222,18 +258,58 @@ class LinkSession:
                 await self._flush()
 
     async def _flush(self) -> None:
-        # Nothing queued: skip the lock, whose acquire costs a trip through the scheduler
-        # (the reader flushes after every read, mostly with nothing to say). Every caller
-        # checkpoints elsewhere in its loop; whoever queues bytes later flushes them.
-        if not self.core.has_data_to_send:
+        # Nothing queued, or all of it written at once: no lock, whose acquire costs a
+        # trip through the scheduler (the reader flushes after every read, mostly with
+        # nothing to say). Every caller checkpoints elsewhere in its loop; whoever
+        # queues bytes later flushes them.
+        if not self._unsent and not self.core.has_data_to_send:
+            return
+        if self._write_directly():
             return
         async with self._send_lock:
-            data = self.core.data_to_send()
+            data = self._unsent + self.core.data_to_send()
+            self._unsent = b""
             if data:
                 try:
                     await self._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._carrier_failed(exc)
+
+    def _send_directly(self, payload: bytes) -> bool:
+        """Encrypt and write `payload` now when nothing is ahead of it (queue, control
+        backlog, a running write); True when it is taken care of. What the kernel does
+        not take waits in `_unsent`, and the writer is woken to write it."""
+        if (self._write_nowait is None or self._unsent or self._control_backlog
+                or self._send_lock.locked() or self._queued):
+            return False
+        self.core.send_data(payload, trio.current_time())
+        if not self._write_directly():
+            # The kernel's buffer is full: the writer waits for room. Its queue is empty
+            # (checked above), so this wake-up fits unless the writer is not waiting.
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._enqueue(b"")
+        return True
+
+    def _enqueue(self, payload: bytes) -> None:
+        self._queue_in.send_nowait(payload)
+        self._queued += 1
+
+    def _write_directly(self) -> bool:
+        """Write what the core has without blocking; True when all of it went (or the
+        carrier broke, which ends the link). False: the rest is in `_unsent`, or a
+        locked write is running, or the stream has no direct path."""
+        if self._write_nowait is None or self._unsent or self._send_lock.locked():
+            return False
+        data = self.core.data_to_send()
+        try:
+            written = self._write_nowait(data) if data else 0
+        except OSError as exc:
+            self._carrier_failed(exc)
+            return True
+        if written < len(data):
+            self._unsent = data[written:]
+            return False
+        return True
 
     # ------------------------------------------------------------------ events
 

@@ -33,7 +33,7 @@ import itertools
 import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,7 @@ import structlog
 import trio
 
 from twinmesh.bus.crypto import Header, read_header
+from twinmesh.carriers.base import nowait_writer
 from twinmesh.carriers.unix import serve_unix
 from twinmesh.control.framed import CONTROL_MAX_FRAME, FramedStream
 from twinmesh.errors import (
@@ -110,28 +111,60 @@ class Mailbox:
         self.closed = False
         self._ready = trio.Event()
         self._room = trio.Event()
+        # Set by the pump: how to write without blocking (None: no such path), the
+        # twin's frame options, and whether the pump is parked waiting for items.
+        self.write_nowait: Callable[[bytes], int] | None = None
+        self.batches = False
+        self.max_frame = SESSION_MAX_FRAME
+        self.idle = False
+        self.unsent = b""  # written bytes the kernel did not take: they go first
 
     def send_nowait(self, frame: bytes) -> None:
         """Queue an encoded LocalMessage (as a memory channel would)."""
         self.put("frame", frame)
 
-    def put(self, kind: str, value: Any, *, force: bool = False) -> None:
+    def put(self, kind: str, value: Any, *, force: bool = False, wake: bool = True) -> None:
+        """Queue an item; with `wake=False` the caller promises a `flush()` soon."""
         if self.closed:
             raise trio.BrokenResourceError("the twin session is gone")
         if not force and len(self.items) >= self.limit:
             raise trio.WouldBlock
         self.items.append((kind, value))
-        self._ready.set()
+        if wake:
+            self._ready.set()
+
+    def flush(self) -> None:
+        """Write what is queued now when the pump is parked and the kernel takes it
+        (no wake-up); otherwise wake the pump."""
+        if not self.items or self.closed:
+            return
+        if not self.idle or self.unsent or self.write_nowait is None:
+            self._ready.set()
+            return
+        data = b"".join(_frames(self.items, self.batches, self.max_frame))
+        self.took()
+        try:
+            written = self.write_nowait(data)
+        except OSError:
+            written = len(data)  # the twin is gone: its reader ends the session
+        if written < len(data):
+            self.unsent = data[written:]
+        if self.items or self.unsent:
+            self._ready.set()
 
     async def wait_room(self) -> None:
         while len(self.items) >= self.limit and not self.closed:
             await self._room.wait()
 
     async def wait_items(self) -> None:
-        while not self.items:
+        while not self.items and not self.unsent:
             if self.closed:
                 raise trio.ClosedResourceError
-            await self._ready.wait()
+            self.idle = True
+            try:
+                await self._ready.wait()
+            finally:
+                self.idle = False
             self._ready = trio.Event()
 
     def took(self) -> None:
@@ -209,6 +242,14 @@ class TwinPort:
         self._batch: list[Persist | Forget] = []
         self._waiting: list[_Waiting] = []
         self._batch_ready = trio.Event()
+        self._committing = False  # the writer holds a batch (its store use is running)
+        # A "step" (`_step()`) is one burst of synchronous work: a twin's frame, an
+        # overlay packet, a commit. What it produces for other tasks waits until its end
+        # and is then done from here when that task is idle, sparing a wake-up each:
+        # packets for other NICs, a batch of acks to commit, frames for twin sessions.
+        self._step_depth = 0
+        self._step_packets: list[tuple[PublicKey, str, bytes]] = []
+        self._step_mailboxes: dict[int, Mailbox] = {}
         # (NIC, "envelope" | "frame", bytes): envelopes are packed many to a packet.
         self._transmit_in, self._transmit_out = trio.open_memory_channel[
             tuple[PublicKey, str, bytes]](TRANSMIT_QUEUE)
@@ -256,7 +297,8 @@ class TwinPort:
             with trio.move_on_after(wait) as self._timer_scope:
                 await trio.sleep_forever()
             self._timer_scope = None
-            self._apply(self.outbox.handle_timer(_unix_now()))
+            with self._step():
+                self._apply(self.outbox.handle_timer(_unix_now()))
 
     def _rearm(self) -> None:
         scope = self._timer_scope
@@ -278,18 +320,38 @@ class TwinPort:
                 continue
             assert self._store is not None
             error = ""
-            try:
-                if waiting:  # new submissions: power safe, so the fsync runs off the loop
+            if waiting:  # new submissions: power safe, so the fsync runs off the loop
+                self._committing = True
+                try:
                     await trio.to_thread.run_sync(self._store.apply, batch, _unix_now())
-                else:  # acks and retries: no fsync, cheaper inline than a thread hop
-                    self._store.apply(batch, power_safe=False)
-            except StorageError as exc:
-                error = str(exc)
-                self.log.error("outbox commit failed", error=error, batch=len(batch))
-                for item in batch:
-                    if isinstance(item, Persist):
-                        self.outbox.drop(item.entry.id)
-            for submitted in waiting:
+                except StorageError as exc:
+                    error = self._commit_failed(batch, exc)
+                finally:
+                    self._committing = False
+            else:  # acks and retries: no fsync, cheaper inline than a thread hop
+                self._commit_now(batch)
+            with self._step():
+                self._committed(waiting, error)
+
+    def _commit_now(self, batch: list[Persist | Forget]) -> None:
+        """Commit acks and retries (no new submission) on the loop: no fsync."""
+        assert self._store is not None
+        try:
+            self._store.apply(batch, power_safe=False)
+        except StorageError as exc:
+            self._commit_failed(batch, exc)
+
+    def _commit_failed(self, batch: list[Persist | Forget], exc: StorageError) -> str:
+        error = str(exc)
+        self.log.error("outbox commit failed", error=error, batch=len(batch))
+        for item in batch:
+            if isinstance(item, Persist):
+                self.outbox.drop(item.entry.id)
+        return error
+
+    def _committed(self, waiting: list[_Waiting], error: str) -> None:
+        """The submissions in a commit: answer them, and send their envelopes."""
+        for submitted in waiting:
                 session = submitted.session
                 if error:
                     self._answer(session, submitted.request_id, ok=False, code="overloaded",
@@ -305,6 +367,53 @@ class TwinPort:
                         self._status_update(sent, but=session)
                 session.commits.release()
 
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[None]:
+        self._step_depth += 1
+        try:
+            yield
+        finally:
+            self._step_depth -= 1
+            if not self._step_depth:
+                self._end_step()
+
+    def _end_step(self) -> None:
+        if self._batch:
+            if self._waiting or self._committing or self._store is None:
+                self._batch_ready.set()
+            else:  # only acks and retries, and the writer is idle: commit them here
+                batch, self._batch = self._batch, []
+                self._commit_now(batch)
+        if self._step_packets:
+            packets, self._step_packets = self._step_packets, []
+            self._send_packets(packets)
+        if self._step_mailboxes:
+            mailboxes, self._step_mailboxes = self._step_mailboxes, {}
+            for mailbox in mailboxes.values():
+                mailbox.flush()
+
+    def _send_packets(self, items: list[tuple[PublicKey, str, bytes]]) -> None:
+        """Hand a step's packets to the overlay now when the sender is idle; what would
+        have to wait for room (and all after it) goes to the sender instead."""
+        queued: list[tuple[PublicKey, str, bytes]] = []
+        if self._transmit_out.statistics().current_buffer_used:
+            queued = items  # the sender has work: keep the order behind it
+        else:
+            for nic_key, packet in _packed(items):
+                if not queued:
+                    try:
+                        if self.nic.send_nowait(nic_key, packet):
+                            continue
+                    except NoRouteError:
+                        self.counters["transmit_no_route"] += 1
+                        continue
+                queued.append((nic_key, "frame", packet))
+        for item in queued:
+            try:
+                self._transmit_in.send_nowait(item)
+            except trio.WouldBlock:
+                self.counters["transmit_dropped"] += 1  # the outbox will retry
+
     async def _sender(self) -> None:
         """Hands what is queued for other NICs to the overlay: the envelopes for one
         NIC packed into as few packets as fit, other frames as they are, in order."""
@@ -315,15 +424,11 @@ class TwinPort:
                     items.append(self._transmit_out.receive_nowait())
                 except trio.WouldBlock:
                     break
-            by_nic: dict[PublicKey, list[tuple[str, bytes]]] = {}
-            for nic_key, kind, data in items:
-                by_nic.setdefault(nic_key, []).append((kind, data))
-            for nic_key, queued in by_nic.items():
-                for packet in _packets(queued):
-                    try:
-                        await self.nic.send(nic_key, packet)
-                    except NoRouteError:
-                        self.counters["transmit_no_route"] += 1
+            for nic_key, packet in _packed(items):
+                try:
+                    await self.nic.send(nic_key, packet)
+                except NoRouteError:
+                    self.counters["transmit_no_route"] += 1
 
     # --------------------------------------------------------- outbox outputs
 
@@ -333,7 +438,8 @@ class TwinPort:
         for output in outputs:
             if isinstance(output, Persist | Forget):
                 self._batch.append(output)
-                self._batch_ready.set()
+                if not self._step_depth:  # else the step's end decides
+                    self._batch_ready.set()
             elif isinstance(output, Transmit):
                 self._transmit(output)
             elif isinstance(output, StatusChanged):
@@ -367,6 +473,12 @@ class TwinPort:
     def _send_to_nic(self, nic_key: PublicKey, data: bytes, *, kind: str = "frame") -> bool:
         """Queue for the sender: an envelope (packed with others) or a NicBus frame.
         False when the queue is full and it was dropped."""
+        if self._step_depth:
+            if len(self._step_packets) >= TRANSMIT_QUEUE:
+                self.counters["transmit_dropped"] += 1
+                return False
+            self._step_packets.append((nic_key, kind, data))
+            return True
         try:
             self._transmit_in.send_nowait((nic_key, kind, data))
         except trio.WouldBlock:
@@ -382,6 +494,10 @@ class TwinPort:
 
     def on_packet(self, source_nic: PublicKey, payload: bytes, hops: int) -> None:
         """An overlay payload packet arrived for this NIC."""
+        with self._step():
+            self._on_packet(source_nic, payload, hops)
+
+    def _on_packet(self, source_nic: PublicKey, payload: bytes, hops: int) -> None:
         try:
             which, value = read_nic_bus(payload)
         except DecodeError as exc:
@@ -455,7 +571,7 @@ class TwinPort:
             if session is but:
                 continue
             try:
-                session.outgoing.put(kind, value)
+                self._put(session, kind, value)
             except trio.WouldBlock:
                 # A twin that does not read: the sender's outbox retries the message.
                 self.counters["session_overflow"] += 1
@@ -593,7 +709,8 @@ class TwinPort:
         now = _unix_now()
         if not reliable:
             # Acks and error replies: one best-effort send, no outbox.
-            self._route_once(header, envelope)
+            with self._step():
+                self._route_once(header, envelope)
             if request_id:
                 await self._result(session, request_id, ok=True, status="sent")
             return
@@ -653,8 +770,17 @@ class TwinPort:
         message: str = "", status: str = "",
     ) -> None:
         with contextlib.suppress(trio.BrokenResourceError):
-            session.outgoing.put("result", (request_id, ok, code, message[:500], status),
-                                 force=True)
+            self._put(session, "result", (request_id, ok, code, message[:500], status),
+                      force=True)
+
+    def _put(self, session: TwinSession, kind: str, value: Any, *, force: bool = False) -> None:
+        """Queue an item for a twin session; within a step it is written at the end."""
+        mailbox = session.outgoing
+        if self._step_depth:
+            mailbox.put(kind, value, force=force, wake=False)
+            self._step_mailboxes[id(mailbox)] = mailbox
+        else:
+            mailbox.put(kind, value, force=force)
 
 
 async def _pump(session: TwinSession, framed: FramedStream) -> None:
@@ -666,12 +792,17 @@ async def _pump(session: TwinSession, framed: FramedStream) -> None:
     # session (the reader sees the end of the stream): the error must not escape the
     # session's nursery, where an exception group would take the whole TwinPort down.
     mailbox = session.outgoing
+    mailbox.write_nowait = nowait_writer(framed.stream)
+    mailbox.batches = session.batches
+    mailbox.max_frame = framed.max_frame
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         while True:
             await mailbox.wait_items()
-            frames = _frames(mailbox.items, session.batches, framed.max_frame)
-            mailbox.took()
-            await framed.stream.send_all(b"".join(frames) if len(frames) > 1 else frames[0])
+            data, mailbox.unsent = mailbox.unsent, b""
+            if mailbox.items:
+                data += b"".join(_frames(mailbox.items, session.batches, framed.max_frame))
+                mailbox.took()
+            await framed.stream.send_all(data)
 
 
 def _frames(items: deque[tuple[str, Any]], batches: bool, max_frame: int) -> list[bytes]:
@@ -733,6 +864,15 @@ def _local_frame(kind: str, run: list[Any]) -> bytes:
             result.message = text
             result.status = status
     return bytes(message.to_bytes())
+
+
+def _packed(items: list[tuple[PublicKey, str, bytes]]) -> list[tuple[PublicKey, bytes]]:
+    """(NIC, packet) for queued items: each NIC's envelopes packed (`_packets`)."""
+    by_nic: dict[PublicKey, list[tuple[str, bytes]]] = {}
+    for nic_key, kind, data in items:
+        by_nic.setdefault(nic_key, []).append((kind, data))
+    return [(nic_key, packet) for nic_key, queued in by_nic.items()
+            for packet in _packets(queued)]
 
 
 def _packets(queued: list[tuple[str, bytes]]) -> list[bytes]:
