@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from twinmesh.errors import StorageError
 
@@ -67,10 +67,11 @@ class SqliteStore:
         with self._lock:
             conn = self._connection()
             try:
-                with synchronous_full(conn, power_safe):
-                    conn.execute("BEGIN IMMEDIATE")
-                    result = run(conn)
-                    conn.execute("COMMIT")
+                if power_safe:
+                    with synchronous_full(conn):
+                        result = _transaction(conn, run)
+                else:  # the usual case: no context manager to enter
+                    result = _transaction(conn, run)
             except sqlite3.Error as exc:
                 rollback(conn)
                 raise storage_error(self.path, f"cannot {doing}", exc) from None
@@ -79,6 +80,18 @@ class SqliteStore:
                 raise
             return result
 
+    def _execute(self, doing: str, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        """One statement, its own transaction (sqlite's autocommit): what `_write`
+        does for a one-statement `run`, without the BEGIN and COMMIT round trips.
+        StorageError("cannot {doing}") on failure; nothing is left half done."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                return conn.execute(sql, args)
+            except sqlite3.Error as exc:
+                rollback(conn)
+                raise storage_error(self.path, f"cannot {doing}", exc) from None
+
     def _read(self, doing: str, run: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             conn = self._connection()
@@ -86,6 +99,13 @@ class SqliteStore:
                 return run(conn)
             except sqlite3.Error as exc:
                 raise storage_error(self.path, f"cannot {doing}", exc) from None
+
+
+def _transaction(conn: sqlite3.Connection, run: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    result = run(conn)
+    conn.execute("COMMIT")
+    return result
 
 
 def open_database(

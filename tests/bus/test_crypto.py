@@ -402,6 +402,18 @@ def test_invalid_source_key_is_refused() -> None:
             bob.open(with_field(envelope, source=source), now=NOW)
 
 
+def test_a_destination_with_no_x25519_form_is_refused_every_time() -> None:
+    alice, carol = TwinCrypto(ALICE), TwinCrypto(CAROL)
+    for sender in (alice, carol, alice):  # the refusal is never remembered as a key
+        for destination in (bytes(32), b"\xff" * 32, b"\x01" + bytes(31)):
+            with pytest.raises(LocalProtocolError, match="not a valid twin key"):
+                sender.seal_message(PublicKey(destination), b"x", 1, now=NOW)
+    bob = TwinCrypto(BOB)
+    for sender in (alice, carol):  # twins of one process sealing for the same peer
+        envelope, header = sender.seal_message(BOB.public, b"x", 1, now=NOW)
+        assert bob.open(envelope, now=NOW).header == header
+
+
 def test_forgeries_do_not_fill_the_key_cache() -> None:
     alice, bob = twins()
     envelope, _ = alice.seal_message(BOB.public, b"x", 1, now=NOW)

@@ -56,6 +56,8 @@ def test_accept_many_records_a_burst_in_one_go_with_the_same_answers(path: Path)
         assert [m.id for m in store.pending()] == [mid(n) for n in (1, 2, 4, 5)]
         assert store.pending_count() == 4
         assert not store.remembers(mid(6))  # refused, so it may come again
+        # Still full: a duplicate is still answered as one (acked), a new one is not.
+        assert store.accept_many([incoming(2), incoming(7)], NOW) == [False, None]
 
 
 def test_accept_records_every_field(path: Path) -> None:
@@ -140,6 +142,16 @@ def test_prune_never_drops_a_pending_message(path: Path) -> None:
         assert store.prune(NOW + 10_000) == 1
         assert [m.id for m in store.pending()] == [mid(1)]
         assert store.remembers(mid(1))  # still a duplicate while it is kept
+
+
+def test_a_kept_message_stays_a_duplicate_after_its_id_is_pruned(path: Path) -> None:
+    with InboxStore(path, max_history=0) as store:
+        accept(store, 1, deadline=NOW + 10)
+        assert store.prune(NOW + 10_000) == 1  # the id is forgotten, the message kept
+        # A clock stepped far back: the copy is within its deadline again.
+        again = IncomingMessage(mid(1), ALICE, NOW + 10, SCHEMA, b"x")
+        assert store.accept_many([again], NOW) == [False]
+        assert [m.id for m in store.pending()] == [mid(1)]
 
 
 def test_prune_keeps_the_newest_history_only(path: Path) -> None:

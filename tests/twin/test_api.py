@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from twinmesh.testing.twins import twin_mesh
 from twinmesh.twin import api
@@ -25,6 +27,105 @@ def test_malformed_requests_say_what_is_wrong(raw, needle):
     assert error.value.code == "malformed"
     assert needle in error.value.message
     assert "\n" not in error.value.message
+
+
+_KEY = "a" * 52
+# Requests a driver sends all day: they must take the hand-checked path.
+_COMMON = [
+    {"id": 1, "send": {"twin": _KEY, "text": "hi"}},
+    {"id": 2**32 - 1, "send": {"twin": _KEY, "text": "hé 😀", "ttl": 60, "wait": True}},
+    {"id": 0, "send": {"twin": "", "text": "", "ttl": 1e308, "wait": False}},
+    {"send": {"text": "h\x00i", "twin": _KEY, "ttl": float("nan")}},
+    {"id": 3, "send": {"twin": _KEY, "text": "x", "ttl": 2**53}},
+    {"id": 4, "status": None},
+    {"identity": None},
+    {"id": 5, "contacts": None},
+    {"id": 6, "getSettings": None},
+    {"id": 7, "subscribe": None},
+    {"id": 8, "messageStatus": "00ff"},
+    {"id": 9, "find": _KEY},
+    {"id": 10, "removeContact": ""},
+    {"id": 11, "move": "/tmp/nic"},
+]
+# Near misses: each must come out exactly as the schema check says (mostly refused).
+_EDGES = [
+    {"id": True, "send": {"twin": _KEY, "text": "hi"}},
+    {"id": 1.0, "send": {"twin": _KEY, "text": "hi"}},
+    {"id": -1, "status": None},
+    {"id": 2**32, "status": None},
+    {"id": None, "status": None},
+    {"id": "1", "status": None},
+    {"id": 1},
+    {},
+    {"id": 1, "send": {"twin": _KEY, "text": "h\ud800i"}},
+    {"id": 1, "send": {"twin": "\udfff", "text": "hi"}},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi", "ttl": True}},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi", "ttl": 2**53 + 1}},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi", "ttl": 10**30}},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi", "ttl": None}},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi", "ttl": "5"}},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi", "wait": 1}},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi", "wait": None}},
+    {"id": 1, "send": {"twin": _KEY, "text": None}},
+    {"id": 1, "send": {"twin": _KEY, "text": 5}},
+    {"id": 1, "send": {"twin": _KEY}},
+    {"id": 1, "send": {}},
+    {"id": 1, "send": None},
+    {"id": 1, "send": [_KEY, "hi"]},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi", "bogus": 1}},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi"}, "status": None},
+    {"id": 1, "send": {"twin": _KEY, "text": "hi"}, "bogus": None},
+    {"id": 1, "status": 1},
+    {"id": 1, "status": {}},
+    {"id": 1, "status": "x"},
+    {"id": 1, "messageStatus": None},
+    {"id": 1, "messageStatus": 5},
+    {"id": 1, "messageStatus": "\ud800"},
+    {"id": 1, "ping": {"twin": _KEY}},
+    {"id": 1, "bogus": None},
+]
+
+
+def _outcome(parse, obj):
+    try:
+        return "ok", repr(parse(obj))  # repr: nan equals nan, 5 differs from 5.0
+    except api.ApiError as exc:
+        return exc.code, exc.message
+
+
+def _check_same_as_schema(obj):
+    fast = api._parse_common(obj)
+    if fast is not None:
+        assert _outcome(lambda _: fast, obj) == _outcome(api._parse_with_schema, obj)
+    assert _outcome(api.parse_request, json.dumps(obj)) == _outcome(api._parse_with_schema,
+                                                                   json.loads(json.dumps(obj)))
+
+
+@pytest.mark.parametrize("obj", _COMMON)
+def test_common_requests_skip_the_schema_and_parse_as_it_would(obj):
+    assert api._parse_common(obj) is not None
+    _check_same_as_schema(obj)
+
+
+@pytest.mark.parametrize("obj", _EDGES)
+def test_near_miss_requests_are_answered_as_the_schema_says(obj):
+    _check_same_as_schema(obj)
+
+
+_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                          st.floats(allow_nan=False), st.text(max_size=5),
+                          st.sampled_from(["\ud800", _KEY, "é"]))
+_send_values = st.dictionaries(st.sampled_from(["twin", "text", "ttl", "wait", "x"]),
+                               _json_scalars, max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_id=st.one_of(st.just(None), _json_scalars),
+       which=st.sampled_from(["send", "status", "identity", "find", "move", "ping", "x"]),
+       value=st.one_of(_json_scalars, _send_values))
+def test_any_request_parses_as_the_schema_says(request_id, which, value):
+    obj = {which: value} if request_id is None else {"id": request_id, which: value}
+    _check_same_as_schema(obj)
 
 
 async def test_answers_mirror_the_response_struct(tmp_path):

@@ -8,6 +8,7 @@ checked by order, not by clocks). The last test serves a real Twin.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -26,7 +27,13 @@ from twinmesh.control.framed import CONTROL_MAX_FRAME, FramedStream
 from twinmesh.errors import ConfigError
 from twinmesh.identity.keys import Identity
 from twinmesh.testing.twins import twin_mesh
-from twinmesh.twin.control import MAX_IN_FLIGHT, MAX_REQUEST_FRAME, serve_control
+from twinmesh.twin.control import (
+    IDLE_TIMEOUT,
+    MAX_IN_FLIGHT,
+    MAX_REQUEST_FRAME,
+    WRITE_TIMEOUT,
+    serve_control,
+)
 from twinmesh.wire.framing import PREFIX
 
 TIMEOUT = 10
@@ -275,6 +282,43 @@ async def test_a_client_that_vanishes_mid_request_leaves_the_server_serving(
             async with raw_client(path) as client:
                 await client.send({"id": 2, "identity": None})
                 assert (await client.receive())["id"] == 2
+
+
+async def test_only_a_connection_silent_for_the_idle_timeout_is_closed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with served(tmp_path) as (_, path), raw_client(path) as client:
+        for request_id in (1, 2, 3):  # each within the timeout of the one before
+            await trio.sleep(IDLE_TIMEOUT - 1)
+            await client.send({"id": request_id, "identity": None})
+            assert (await client.receive())["id"] == request_id
+        with trio.fail_after(IDLE_TIMEOUT + 1):
+            assert await client.receive() is None  # then silence: closed
+
+
+async def test_a_subscribed_connection_is_never_idle(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with served(tmp_path) as (twin, path), raw_client(path) as client:
+        await client.send({"id": 1, "subscribe": None})
+        assert await client.receive() == {"id": 1, "done": None}
+        await trio.sleep(3 * IDLE_TIMEOUT)
+        twin.emit({"connection": {"twin": twin.key}})
+        assert await client.receive() == {"event": {"connection": {"twin": twin.key}}}
+
+
+async def test_a_client_that_stops_reading_is_dropped(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with served(tmp_path) as (twin, path), raw_client(path) as client:
+        await client.send({"id": 1, "subscribe": None})
+        assert await client.receive() == {"id": 1, "done": None}
+        big = {"message": {"text": "x" * 60_000}}
+        with trio.fail_after(3 * WRITE_TIMEOUT):
+            while twin.subscribers:  # the subscription ends with the connection
+                with contextlib.suppress(trio.WouldBlock):  # the twin's queue is full
+                    twin.emit(big)
+                await trio.sleep(1)
 
 
 async def test_a_stale_socket_file_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None:

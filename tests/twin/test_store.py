@@ -47,6 +47,29 @@ def test_a_final_status_is_never_overwritten(tmp_path):
         assert store.chat_entry(message).status == "delivered"
 
 
+def test_statuses_arriving_together_end_as_they_would_one_by_one(tmp_path):
+    with TwinStore(tmp_path / "t") as store:
+        for i in (1, 2, 3):
+            store.add_chat(_chat(i, status="queued"))
+        one, two, three = (bytes([i]) * 16 for i in (1, 2, 3))
+        changed = store.set_status([(one, "sent", ""), (two, "delivered", ""),
+                                    (one, "delivered", ""), (two, "sent", ""),
+                                    (three, "sent", ""), (three, "queued", "")])
+        assert sorted(changed) == [one, two]  # three ends where it started
+        assert [store.chat_entry(m).status for m in (one, two, three)] == [
+            "delivered", "delivered", "queued"]
+
+
+def test_a_message_that_failed_stops_waiting_even_among_other_updates(tmp_path):
+    with TwinStore(tmp_path / "t") as store:
+        store.add_chat(_chat(1), _waiting(1))
+        message = bytes([1]) * 16
+        assert store.set_status([(message, "queued", ""), (message, "failed", "noRoute"),
+                                 (message, "sent", "")]) == [message]
+        assert store.chat_entry(message).code == "noRoute"
+        assert store.waiting_count() == 0
+
+
 def test_expired_and_failed_messages_stop_waiting(tmp_path):
     with TwinStore(tmp_path / "t") as store:
         store.add_chat(_chat(1), _waiting(1))
@@ -71,6 +94,17 @@ def test_history_keeps_the_newest_entries(tmp_path):
             store.add_chat(_chat(i, outgoing=False, status="received"))
         assert [c.text for c in store.chat()] == ["m3", "m4", "m5"]
         assert [c.text for c in store.chat(b"p" * 32, limit=2)] == ["m4", "m5"]
+
+
+def test_a_long_history_stays_near_its_bound(tmp_path):
+    with TwinStore(tmp_path / "t", max_history=640) as store:
+        for i in range(1000):
+            row = ChatRow(i.to_bytes(16, "big"), b"p" * 32, False, f"m{i}", float(i),
+                          "received", "")
+            store.add_chat(row)
+        kept = store.chat(limit=10_000)
+        assert 640 <= len(kept) <= 640 + 640 // 64
+        assert kept[-1].text == "m999"
 
 
 def test_unread_counts_incoming_after_mark_read(tmp_path):

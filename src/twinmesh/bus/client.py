@@ -35,7 +35,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,8 @@ class Received:
     payload: bytes
     reply_to: bytes
     deadline: float
+    # The payload as a dict, when the client already decoded it (to check its type).
+    fields: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def decode(self, struct: Any) -> dict[str, Any]:
         """The payload as a dict of `struct`'s fields; BusError(rejectedSchema) when
@@ -98,6 +100,8 @@ class Received:
         if struct.schema.node.id != self.schema_id:
             raise BusError("rejectedSchema", f"payload is type {self.schema_id:#x}, not "
                                              f"{struct.schema.node.id:#x}")
+        if self.fields is not None:
+            return dict(self.fields)  # a copy: the caller may change it
         try:
             # A plain copy: never `as_builder()` on bytes from the network (pycapnp
             # aborts the process on some malformed pointers there).
@@ -129,19 +133,24 @@ class BusClient:
         inbox: InboxStore | None,
         accepted: Iterable[Any] | None,
         group_sync: GroupSync | None = None,
+        crypto: TwinCrypto | None = None,
     ) -> None:
         self.identity = identity
         self.key = identity.public
         self.nic = nic
-        self.crypto = TwinCrypto(identity)
+        # Shared with whoever else seals for this twin (twind): one epoch and one
+        # set of cached keys per twin, so a message and its ack cost one key exchange.
+        self.crypto = crypto if crypto is not None else TwinCrypto(identity)
         self.inbox = inbox
         # Shared by the twins of one process, so their inbox fsyncs go in rounds.
         self.group_sync = group_sync if group_sync is not None else GroupSync()
         self.accepted = None if accepted is None else {s.schema.node.id: s for s in accepted}
         self._framed = framed
-        # What waits for the writer task, in order: ("frame", encoded LocalMessage) or
-        # ("submit", (request id, envelope, reliable, fail fast, payload size)).
+        # What waits for the writer task, in order: ("frame", encoded LocalMessage),
+        # ("submit", (request id, envelope, reliable, fail fast, payload size)) or
+        # ("bytes", the rest of a write the socket took only part of).
         self._unsent: list[tuple[str, Any]] = []
+        self._writing = False  # the writer task is sending
         self._unsent_bytes = 0
         self._unsent_ready = trio.Event()
         self._drained = trio.Event()  # set (and replaced) after every write
@@ -188,8 +197,10 @@ class BusClient:
         receive: bool = True,
         accepted: Iterable[Any] | None = None,
         group_sync: GroupSync | None = None,
+        crypto: TwinCrypto | None = None,
     ) -> AsyncIterator[BusClient]:
-        """Attach to the NIC at `nic_path` (its state dir or `twins.sock`)."""
+        """Attach to the NIC at `nic_path` (its state dir or `twins.sock`); `crypto`:
+        the twin's own `TwinCrypto` when it seals messages itself too."""
         socket_path = nic_path / TWINS_SOCKET if nic_path.is_dir() else nic_path
         try:
             stream = await connect_unix(socket_path)
@@ -200,7 +211,7 @@ class BusClient:
             framed = FramedStream(stream)
             nic = await _attach(framed, identity, receive)
             client = cls(identity, framed, nic, inbox=inbox, accepted=accepted,
-                         group_sync=group_sync)
+                         group_sync=group_sync, crypto=crypto)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._reader)
                 nursery.start_soon(client._writer)
@@ -274,15 +285,20 @@ class BusClient:
         return header.id
 
     async def submit_sealed(self, envelope: bytes, payload_size: int, *,
-                            fail_fast: bool = False) -> None:
+                            fail_fast: bool = False, message_id: bytes | None = None) -> None:
         """Hand an envelope sealed earlier (`crypto.seal_message`, e.g. while no NIC was
-        reachable) to the NIC's outbox; returns once it is stored durably there."""
+        reachable) to the NIC's outbox; returns once it is stored durably there.
+        `message_id`: its header's id, when the caller has it (else read from it)."""
         ok, code, text, status = await self._submit(envelope, payload_size, reliable=True,
                                                     fail_fast=fail_fast)
         if not ok:
             raise BusError(code, text)
-        with contextlib.suppress(DecodeError):
-            self._accepted(read_header(envelope).id, status)
+        if message_id is None:
+            try:
+                message_id = read_header(envelope).id
+            except DecodeError:
+                return
+        self._accepted(message_id, status)
 
     def _accepted(self, message_id: bytes, status: str) -> None:
         """The NIC stored it; its answer may say it already went out ("sent")."""
@@ -310,12 +326,12 @@ class BusClient:
                 raise BusError(code, text)
             self._accepted(header.id, status)
             with trio.move_on_after(timeout):
-                while True:
-                    with trio.move_on_after(0.5):
-                        return await receive.receive()
+                try:
+                    return await receive.receive()
+                except trio.EndOfChannel:  # `_set_status` closed it: no reply will come
                     status, code = self._statuses.get(header.id, ("queued", ""))
-                    if status in ("expired", "failed"):
-                        raise BusError(code or status, f"request {header.id.hex()} {status}")
+                    raise BusError(code or status, f"request {header.id.hex()} {status}"
+                                   ) from None
             raise BusError("expired", f"no reply within {timeout:g} s")
         finally:
             del self._replies[header.id]
@@ -455,20 +471,29 @@ class BusClient:
 
     async def _watchdog(self) -> None:
         """Ends the requests the NIC has not answered within REQUEST_TIMEOUT: one task
-        for all of them rather than a cancel scope per request (oldest first, as
-        `_results` is in the order they were made). Asleep while none is open: a host
-        runs hundreds of idle clients."""
+        for all of them rather than a cancel scope per request. `_results` is in the
+        order the requests were made, so the oldest open one says when to look next:
+        the task wakes about once per REQUEST_TIMEOUT while requests come and go, not
+        per request, and sleeps while none is open (a host runs hundreds of clients)."""
         while True:
-            if not self._results:
+            wake = self._expire_requests(trio.current_time())
+            if wake is None:
                 self._requests_made = trio.Event()
                 await self._requests_made.wait()
-            await trio.sleep(1.0)
-            now = trio.current_time()
-            for reply in list(self._results.values()):
-                if reply.deadline > now:
-                    break
-                reply.timed_out = True
-                reply.done.set()
+            else:
+                await trio.sleep_until(wake)
+
+    def _expire_requests(self, now: float) -> float | None:
+        """Time out the open requests past their deadline; the deadline of the oldest
+        one still open (None: none is)."""
+        for reply in self._results.values():
+            if reply.done.is_set():
+                continue  # answered or timed out, its waiter not yet back
+            if reply.deadline > now:
+                return reply.deadline
+            reply.timed_out = True
+            reply.done.set()
+        return None
 
     async def _reader(self) -> None:
         while True:
@@ -524,6 +549,10 @@ class BusClient:
         event = self._status_waiters.pop(message_id, None)
         if event is not None:
             event.set()
+        if status in ("expired", "failed"):
+            waiter = self._replies.get(message_id)
+            if waiter is not None:
+                waiter.close()  # its `request` stops waiting (a reply already in stays)
 
     async def _delivered(self, envelopes: list[bytes]) -> None:
         """Open what the NIC delivered in one frame; record, hand out and ack the
@@ -559,10 +588,13 @@ class BusClient:
         # that caught up with the first copy), and only the first one is new.
         # (opened, error code, why refused: None when it is for the application)
         checked: list[tuple[Opened, str, str | None]] = []
+        decoded: dict[bytes, dict[str, Any]] = {}  # payloads as dicts, by message id
         room = self._incoming_room()
         for opened in batch:
             code = "rejectedSchema"
-            rejection = self._check_schema(opened.header.schema_id, opened.payload)
+            rejection, fields = self._check_schema(opened.header.schema_id, opened.payload)
+            if fields is not None:
+                decoded[opened.header.id] = fields
             if rejection is None and self.screen is not None:
                 refused = self.screen(opened.header.source, opened.header.schema_id)
                 if refused is not None:
@@ -576,11 +608,18 @@ class BusClient:
         news: list[bool | None] = []
         if keep:
             try:
-                async with self._handoff:
+                # The lock is nearly always free: taken without a checkpoint then.
+                try:
+                    self._handoff.acquire_nowait()
+                except trio.WouldBlock:
+                    await self._handoff.acquire()
+                try:
                     news = await self._remember(keep, now)
                     for opened, new in zip(keep, news, strict=True):
                         if new:
                             self._queued.add(opened.header.id)  # handed out from memory
+                finally:
+                    self._handoff.release()
             except StorageError as exc:
                 # Not acked: the sender's NIC retries later. If the commit went in but
                 # its fsync failed, the retry is a duplicate; the store still offers
@@ -607,7 +646,7 @@ class BusClient:
                 if new:
                     handed.append(Received(header.id, header.source, header.schema_id,
                                            opened.payload, header.reply_to,
-                                           header.deadline))
+                                           header.deadline, decoded.get(header.id)))
             acks.append((header, opened.token))
         # One ack envelope per source for the whole frame (duplicates acked again too).
         replies += self.crypto.seal_acks(acks, now=now)
@@ -618,7 +657,9 @@ class BusClient:
     async def _hand_out(self, received: Received, now: float) -> None:
         waiter = self._replies.get(received.reply_to) if received.reply_to else None
         if waiter is not None:
-            waiter.send_nowait(received)
+            # A second reply, or one after the request gave up, is dropped.
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                waiter.send_nowait(received)
             try:
                 if self.inbox is not None:
                     self.inbox.consume(received.id, now)
@@ -637,17 +678,21 @@ class BusClient:
         stats = self._incoming_in.statistics()
         return int(stats.max_buffer_size - stats.current_buffer_used)
 
-    def _check_schema(self, schema_id: int, payload: bytes) -> str | None:
+    def _check_schema(self, schema_id: int, payload: bytes
+                      ) -> tuple[str | None, dict[str, Any] | None]:
+        """(why the payload is refused, None if not; the payload as a dict once decoded
+        to check it, so the application need not decode it again)."""
         if self.accepted is None:
-            return None
+            return None, None
         struct = self.accepted.get(schema_id)
         if struct is None:
-            return f"schema {schema_id:#x} is not accepted by this twin"
+            return f"schema {schema_id:#x} is not accepted by this twin", None
         try:
-            schemas.decode(struct, payload, lambda reader: reader.to_dict())
+            fields: dict[str, Any] = schemas.decode(struct, payload,
+                                                    lambda reader: reader.to_dict())
         except DecodeError as exc:
-            return f"payload does not decode as {schema_id:#x}: {exc}"
-        return None
+            return f"payload does not decode as {schema_id:#x}: {exc}", None
+        return None, fields
 
     async def _remember(self, batch: list[Opened], now: float) -> list[bool | None]:
         """For each message: True new, False seen before (or expired), None not stored
@@ -695,16 +740,29 @@ class BusClient:
             self._closed = True
 
     async def _write(self, items: list[tuple[str, Any]]) -> None:
-        """Queue frames and submissions for the writer task, which sends everything
-        queued in one write (one system call and one wake-up of the NIC for a burst of
-        sends; submissions in `submits` lists), in order. Returns at once unless more
-        than WRITE_BACKLOG bytes wait (the NIC is not reading): then once they are out.
-        Raises trio.ClosedResourceError when the connection is gone."""
+        """Send frames and submissions in order (submissions in `submits` lists).
+        While nothing else waits to go out, what the socket takes at once is sent
+        right here (no task switch); the rest queues for the writer task, which sends
+        everything queued in one write (one system call and one wake-up of the NIC
+        for a burst of sends). Returns at once unless more than WRITE_BACKLOG bytes
+        wait (the NIC is not reading): then once they are out. Raises
+        trio.ClosedResourceError when the connection is gone."""
         if self._closed:
             raise trio.ClosedResourceError("the connection to the NIC is gone")
+        self._queued_writes += 1
+        if not self._unsent and not self._writing:
+            data = _encode(items, self._framed.max_frame)
+            try:
+                sent = self._framed.send_now(data)
+            except trio.BrokenResourceError as exc:
+                self._broken(str(exc))
+                raise trio.ClosedResourceError("the connection to the NIC is gone") from None
+            if sent == len(data):
+                self._written = self._queued_writes
+                return
+            items = [("bytes", data[sent:])]
         self._unsent.extend(items)
         self._unsent_bytes += sum(_item_size(kind, value) for kind, value in items)
-        self._queued_writes += 1
         self._unsent_ready.set()
         while self._unsent_bytes > WRITE_BACKLOG and not self._closed:
             await self._drained.wait()
@@ -717,18 +775,23 @@ class BusClient:
                 items, self._unsent = self._unsent, []
                 self._unsent_bytes = 0
                 queued = self._queued_writes
+                self._writing = True
                 try:
                     await self._framed.stream.send_all(_encode(items, self._framed.max_frame))
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self.log.warning("NIC connection broken", reason=str(exc))
-                    self._closed = True
-                    for reply in self._results.values():
-                        reply.done.set()  # no result: "offline"
-                    self._drained.set()
+                    self._broken(str(exc))
                     return
+                self._writing = False
                 self._written = queued
                 self._drained.set()
                 self._drained = trio.Event()
+
+    def _broken(self, reason: str) -> None:
+        self.log.warning("NIC connection broken", reason=reason)
+        self._closed = True
+        for reply in self._results.values():
+            reply.done.set()  # no result: "offline"
+        self._drained.set()
 
 
 class _Reply:
@@ -780,7 +843,7 @@ def _encode(items: list[tuple[str, Any]], max_frame: int) -> bytes:
     for kind, value in items:
         if kind != "submit":
             close_run()
-            frames.append(encode_frame(value, max_frame))
+            frames.append(value if kind == "bytes" else encode_frame(value, max_frame))
             continue
         if run and (size + len(value[1]) > SUBMITS_BATCH or len(run) >= SUBMITS_ITEMS):
             close_run()

@@ -65,6 +65,7 @@ accepted in the clear.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -99,6 +100,7 @@ MAX_SEALED = MAX_PAYLOAD + SEALED_OVERHEAD
 # The clear header of a full envelope takes about 320 bytes.
 MAX_ENVELOPE = MAX_SEALED + 512
 DEFAULT_KEY_CACHE = 4096
+X25519_FORMS = 16384  # peers' X25519 forms kept, for all the twins of a process
 MAX_ACKS = 1024  # messages one ack envelope may answer
 
 KEY_PERSON = b"twinmesh-rmb-v1"  # BLAKE2b personalisation (at most 16 bytes)
@@ -526,7 +528,7 @@ class TwinCrypto:
         if known is not None:
             self._static_secrets.move_to_end(peer)
             return known
-        x25519 = peer.to_x25519()
+        x25519 = _x25519_form(peer.raw)
         shared = _dh(self._x25519_private, x25519)
         if shared is not None:
             self._static_secrets[peer] = (x25519, shared)
@@ -603,6 +605,16 @@ class TwinCrypto:
 def _check_now(now: float) -> None:
     if not math.isfinite(now):
         raise LocalProtocolError(f"now must be a finite number of seconds, got {now}")
+
+
+@functools.lru_cache(maxsize=X25519_FORMS)
+def _x25519_form(raw: bytes) -> bytes:
+    """The X25519 form of an ed25519 public key (as public as the key): kept for the
+    whole process, whose twins (hundreds in a hosting twind) talk to the same peers,
+    and each conversion costs more than the key exchange it is for. Raises nacl's
+    RuntimeError for a key that has no such form (not kept)."""
+    form: bytes = sodium.crypto_sign_ed25519_pk_to_curve25519(raw)
+    return form
 
 
 def _dh(private: bytes, public: bytes) -> bytes | None:

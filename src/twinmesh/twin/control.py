@@ -8,9 +8,17 @@ waits five seconds does not hold up the `status` sent after it: answers come bac
 the order they finish, matched by id. After `{"subscribe": null}` the connection also
 carries `{"event": {...}}` objects from `twin.subscribe()` until it closes.
 
-One writer task owns the sending half: answers and events queue for it (bounded). A
-client that stops reading for WRITE_TIMEOUT is dropped; a subscriber that falls behind
-loses events inside `twin.subscribe()` (bounded there), never stalls the twin.
+Answers and events go out in order. What the socket takes at once is sent by the task
+that made it; when the socket is full, the rest queues (bounded) for one writer task,
+which waits for the client to read. A client that stops reading for WRITE_TIMEOUT (up
+to WRITE_TIMEOUT_SLACK more) is dropped; a subscriber that falls behind loses events
+inside `twin.subscribe()` (bounded there), never stalls the twin.
+
+A busy twin answers a request every few milliseconds on each of its connections, so
+the per-request path avoids what costs a timer or a task switch: no hand-over to the
+writer while the socket keeps up, the idle and stall deadlines are cancel scopes that
+last for many frames (moved rarely, and checked when they fire), and a free slot is
+taken without a checkpoint.
 
 A frame that is not a valid request gets a `malformed` error answer and the connection
 goes on. Only a frame the stream cannot carry (over MAX_REQUEST_FRAME, or cut off by
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
@@ -46,6 +55,10 @@ MAX_IN_FLIGHT = 16  # concurrent requests per connection
 OUTGOING_QUEUE = 64  # answers and events waiting for the writer
 WRITE_TIMEOUT = 30.0  # a client that reads nothing for this long is dropped
 IDLE_TIMEOUT = 600.0  # an unsubscribed connection that sends nothing is closed
+# The writer's stall deadline moves forward only when less than WRITE_TIMEOUT is left,
+# to WRITE_TIMEOUT + this: a stuck write is given up after 30 to 40 s.
+WRITE_TIMEOUT_SLACK = WRITE_TIMEOUT / 3
+WRITE_BATCH = 64  # frames sent in one write when they pile up
 LAST_WORDS_TIMEOUT = 1.0  # time given to the final error answer before closing
 
 _connection_ids = itertools.count(1)
@@ -83,8 +96,12 @@ class ControlConnection:
         self._subscribing = trio.Lock()
         self._connection_scope = trio.CancelScope()
         self._events_scope = trio.CancelScope()
+        self._last_frame = 0.0  # when the last frame arrived (trio time)
+        self._writing = False  # the writer task is sending
+        self._backlog = 0  # frames handed to the writer task and not yet sent
 
     async def run(self) -> None:
+        self._last_frame = trio.current_time()
         with self._connection_scope:
             async with trio.open_nursery() as connection:
                 connection.start_soon(self._write_all)
@@ -95,9 +112,14 @@ class ControlConnection:
                 await self._outgoing_send.aclose()
 
     async def _read_all(self, requests: trio.Nursery, connection: trio.Nursery) -> None:
+        waiting: bytes | None = None  # a frame read while every slot was taken
         while True:
+            if waiting is not None:
+                await self._slots.acquire()
+                self._last_frame = trio.current_time()  # waiting for a slot is not idling
+                requests.start_soon(self._answer, waiting, connection)
             try:
-                body = await self._receive()
+                waiting = await self._read_frames(requests, connection)
             except trio.TooSlowError:
                 self.log.info("control connection closed", reason="idle")
                 return
@@ -106,16 +128,33 @@ class ControlConnection:
                 self.log.info("control connection closed", reason=reason)
                 await self._last_words(reason)
                 return
-            if body is None:
+            if waiting is None:
                 return
-            await self._slots.acquire()
-            requests.start_soon(self._answer, body, connection)
 
-    async def _receive(self) -> bytes | None:
-        if self._subscribed:
-            return await self.framed.receive()
-        with trio.fail_after(IDLE_TIMEOUT):
-            return await self.framed.receive()
+    async def _read_frames(self, requests: trio.Nursery, connection: trio.Nursery
+                           ) -> bytes | None:
+        """Read frames and start answering them while a slot is free. Returns a frame
+        that waits for a slot, or None at the end of the stream; TooSlowError once an
+        unsubscribed connection sent nothing for IDLE_TIMEOUT.
+
+        The idle deadline is one cancel scope for all the frames until it fires (a
+        receive cancelled there loses nothing), then is set anew from the last frame."""
+        while True:
+            deadline = math.inf if self._subscribed else self._last_frame + IDLE_TIMEOUT
+            with trio.CancelScope(deadline=deadline):
+                while True:
+                    body = await self.framed.receive()
+                    if body is None:
+                        return None
+                    self._last_frame = trio.current_time()
+                    try:
+                        self._slots.acquire_nowait()
+                    except trio.WouldBlock:
+                        return body
+                    requests.start_soon(self._answer, body, connection)
+            if not self._subscribed and (
+                    trio.current_time() >= self._last_frame + IDLE_TIMEOUT):
+                raise trio.TooSlowError
 
     async def _answer(self, body: bytes, connection: trio.Nursery) -> None:
         try:
@@ -158,9 +197,22 @@ class ControlConnection:
         frame = self._encode(message)
         if frame is None:
             return
+        if not self._backlog:
+            try:
+                sent = self.framed.send_now(frame)
+            except trio.BrokenResourceError:
+                self._gone("the client went away")
+                return
+            if sent == len(frame):
+                return
+            frame = frame[sent:]  # the socket is full: the writer sends the rest first
+        self._backlog += 1
         # Closed: the connection is closing and nobody is left to read it.
         with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await self._outgoing_send.send(frame)
+            try:
+                self._outgoing_send.send_nowait(frame)
+            except trio.WouldBlock:  # the writer is behind: wait for room
+                await self._outgoing_send.send(frame)
 
     def _encode(self, message: dict[str, Any]) -> bytes | None:
         """The frame for an answer or event. An answer that cannot be sent becomes an
@@ -183,17 +235,48 @@ class ControlConnection:
 
     async def _write_all(self) -> None:
         async with self._outgoing_receive:
-            async for frame in self._outgoing_receive:
+            while True:
+                with trio.CancelScope() as stall:
+                    reason = await self._write_frames(stall)
+                if not stall.cancelled_caught:
+                    break
+                if self._writing:
+                    reason = "the client stopped reading"
+                    break
+                # The deadline passed between writes: nothing was late.
+            if reason is not None:
+                self._gone(reason)
+
+    def _gone(self, reason: str) -> None:
+        if not self._connection_scope.cancel_called:
+            self.log.info("control connection closed", reason=reason)
+            self._connection_scope.cancel()
+
+    async def _write_frames(self, stall: trio.CancelScope) -> str | None:
+        """Send queued frames (those that piled up in one write) until the queue is
+        closed (None) or the client is gone (why). `stall`'s deadline covers each
+        write with at least WRITE_TIMEOUT; if it fires, `_writing` says whether a
+        write was under way."""
+        while True:
+            try:
+                frames = [await self._outgoing_receive.receive()]
+            except trio.EndOfChannel:
+                return None
+            while len(frames) < WRITE_BATCH:
                 try:
-                    with trio.fail_after(WRITE_TIMEOUT):
-                        await self.stream.send_all(frame)
-                except (trio.TooSlowError, trio.BrokenResourceError,
-                        trio.ClosedResourceError) as exc:
-                    reason = ("the client stopped reading" if isinstance(exc, trio.TooSlowError)
-                              else "the client went away")
-                    self.log.info("control connection closed", reason=reason)
-                    self._connection_scope.cancel()
-                    return
+                    frames.append(self._outgoing_receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            now = trio.current_time()
+            if not now + WRITE_TIMEOUT <= stall.deadline < math.inf:
+                stall.deadline = now + WRITE_TIMEOUT + WRITE_TIMEOUT_SLACK
+            self._writing = True
+            try:
+                await self.stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return "the client went away"
+            self._writing = False
+            self._backlog -= len(frames)
 
     async def _last_words(self, reason: str) -> None:
         with trio.move_on_after(LAST_WORDS_TIMEOUT):

@@ -20,6 +20,7 @@ says `unauthorized`). Other schemas are answered `rejectedSchema` by the bus cli
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import time
@@ -38,7 +39,7 @@ from twinmesh.bus.inbox_store import InboxStore
 from twinmesh.errors import ApiError, StorageError
 from twinmesh.group_sync import GroupSync
 from twinmesh.identity.keys import Identity, PublicKey
-from twinmesh.twin.store import ChatRow, ContactRow, TwinStore, WaitingRow
+from twinmesh.twin.store import ChatRow, ContactRow, TwinStore, WaitingRow, collapse_statuses
 from twinmesh.wire import schemas
 
 KEY_FILE = "twin.key"
@@ -90,11 +91,18 @@ class Twin:
         # every arriving message): changed only together with the store.
         self._contacts_only = False
         self._accepted_contacts: set[bytes] = set()
+        # Contact names by twin, for chat entries (another mirror of the store).
+        self._contact_names: dict[bytes, str] = {}
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self._attached = trio.Event()
         self._session_scope: trio.CancelScope | None = None
         self._flush_lock = trio.Lock()
         self._recent_status: dict[bytes, tuple[str, str]] = {}  # newest last, bounded
+        # What the store holds for recent outgoing messages (newest last, bounded):
+        # changes only from `send_text` and `_update_statuses`, with the store.
+        self._stored_status: dict[bytes, tuple[str, str]] = {}
+        # Messages `send_text` handed to the NIC and has not recorded yet.
+        self._recording: set[bytes] = set()
         self._has_waiting = True  # until a flush finds the store's waiting list empty
         self._status_in, self._status_out = trio.open_memory_channel[
             tuple[bytes, str, str]](STATUS_QUEUE)
@@ -129,7 +137,8 @@ class Twin:
                 with trio.CancelScope() as self._session_scope:
                     async with BusClient.connect(self.identity, nic, inbox=self.inbox_store,
                                                  accepted=ACCEPTED,
-                                                 group_sync=self.group_sync) as bus:
+                                                 group_sync=self.group_sync,
+                                                 crypto=self.crypto) as bus:
                         failures, delay = 0, RECONNECT_INITIAL
                         await self._attached_session(bus, nic)
             except Exception as exc:  # whatever broke, the twin reconnects
@@ -194,7 +203,7 @@ class Twin:
             await self._update_statuses([(row.id, "expired", "expired")])
             return True
         try:
-            await bus.submit_sealed(row.envelope, row.payload_size)
+            await bus.submit_sealed(row.envelope, row.payload_size, message_id=row.id)
         except BusError as exc:
             if exc.code == "offline":
                 return False
@@ -231,6 +240,7 @@ class Twin:
 
     async def _save_contact(self, row: ContactRow) -> None:
         self._store().put_contact(row)
+        self._contact_names[row.twin] = row.name
         if row.state == "accepted":
             self._accepted_contacts.add(row.twin)
         else:
@@ -241,14 +251,15 @@ class Twin:
         self._contacts_only = await self._contacts_only_setting()
         rows = store.contacts()
         self._accepted_contacts = {row.twin for row in rows if row.state == "accepted"}
+        self._contact_names = {row.twin: row.name for row in rows}
 
     async def _chat_arrived(self, bus: BusClient, received: Received) -> None:
         store = self._store()
         text = str(received.decode(_rmb.TextMessage)["body"])
         row = ChatRow(received.id, received.source.raw, False, text, time.time(),
                       "received", "")
-        if store.add_chat(row):
-            self._emit({"message": await self._chat_entry(row)})
+        if store.add_chat(row) and self._subscribers:
+            self._emit({"message": self._chat_entry(row)})
 
     async def _contact_requested(self, bus: BusClient, received: Received) -> None:
         store = self._store()
@@ -288,6 +299,10 @@ class Twin:
         self._recent_status[message_id] = (status, code)
         if len(self._recent_status) > RECENT_STATUSES:
             del self._recent_status[next(iter(self._recent_status))]
+        if message_id in self._recording:
+            return  # `send_text` records the message with its latest status
+        if _holds(self._stored_status.get(message_id), (message_id, status, code)):
+            return  # the store has it already: no need to wake `_record_statuses`
         with contextlib.suppress(trio.WouldBlock):
             self._status_in.send_nowait((message_id, status, code))
 
@@ -303,18 +318,34 @@ class Twin:
 
     async def _update_statuses(self, changes: list[tuple[bytes, str, str]]) -> None:
         store = self._store()
+        stored = self._stored_status
+        # A change the store already holds (or one after a final status) changes
+        # nothing there: not even a statement for it. E.g. the NIC's `sent` that came
+        # before `send_text` recorded the message as sent.
+        changes = [change for change in changes if not _holds(stored.get(change[0]), change)]
+        if not changes:
+            return
         try:
             changed = store.set_status(changes)
         except StorageError as exc:
             self.log.error("status not recorded", reason=str(exc))
             return
-        if not changed or not self._subscribers:
+        if not changed:
             return
-        final = {message_id: (status, code) for message_id, status, code in changes}
+        folded = collapse_statuses(changes)
         for message_id in changed:
-            status, code = final[message_id]
+            self._stored(message_id, folded[message_id])
+        if not self._subscribers:
+            return
+        for message_id in changed:
+            status, code = folded[message_id]
             self._emit({"messageStatus": {"id": message_id.hex(), "status": status,
                                           "code": code}})
+
+    def _stored(self, message_id: bytes, status: tuple[str, str]) -> None:
+        self._stored_status[message_id] = status
+        if len(self._stored_status) > RECENT_STATUSES:
+            del self._stored_status[next(iter(self._stored_status))]
 
     # --------------------------------------------------------------------- API
 
@@ -396,20 +427,29 @@ class Twin:
             peer, payload, _TEXT_ID, now=now, ttl=ttl)
         store = self._store()
         bus = self.bus
-        row = ChatRow(header.id, peer.raw, True, text, now, "queued", "")
         waiting: WaitingRow | None = None
         if bus is not None and not self._has_waiting:
             # The usual case: the NIC stores it durably, then we record it (one commit
             # here). In order behind any envelopes still waiting, never ahead of them.
+            self._recording.add(header.id)
             try:
-                await bus.submit_sealed(envelope, len(payload))
+                await bus.submit_sealed(envelope, len(payload), message_id=header.id)
             except BusError as exc:
                 if exc.code != "offline":
                     raise ApiError(exc.code, _reason(exc)) from None
                 waiting = WaitingRow(header.id, envelope, len(payload), header.deadline)
+            finally:
+                # From here on (no await before the row is written) `_on_status`
+                # queues changes again.
+                self._recording.discard(header.id)
         else:
             waiting = WaitingRow(header.id, envelope, len(payload), header.deadline)
-        if waiting is not None:
+        if waiting is None:
+            # The NIC's updates can overtake our own record of the message: recorded
+            # as it stands now (`set_status` would give the same row).
+            status, code = self._recent_status.get(header.id, ("queued", ""))
+            row = ChatRow(header.id, peer.raw, True, text, now, status, code)
+        else:
             row = ChatRow(header.id, peer.raw, True, text, now, "waiting", "")
         try:
             if waiting is None:
@@ -419,18 +459,19 @@ class Twin:
         except StorageError as exc:
             # Not recorded here; if the NIC took it, it is still delivered.
             raise ApiError("overloaded", str(exc)) from None
+        self._stored(header.id, (row.status, row.code))
         if waiting is not None:
             self._has_waiting = True
-        elif (late := self._recent_status.get(header.id)) is not None:
-            # The NIC's updates can overtake our own record of the message.
-            await self._update_statuses([(header.id, *late)])
-        self._emit({"message": await self._chat_entry(row)})
+        if self._subscribers:
+            self._emit({"message": self._chat_entry(row)})
+        if waiting is None and not wait:
+            return self._chat_entry(row)  # nothing awaited since: the store holds `row`
         if waiting is not None and self.bus is not None:
             await self.flush_waiting()
         if wait:
             await self._wait_final(header.id, header.deadline + 5.0 - time.time())
         current = store.chat_entry(header.id)
-        return await self._chat_entry(current or row)
+        return self._chat_entry(current or row)
 
     async def _wait_final(self, message_id: bytes, timeout: float) -> None:
         with trio.move_on_after(max(0.0, timeout)):
@@ -449,8 +490,7 @@ class Twin:
         key = parse_twin(peer).raw if peer else None
         rows = await trio.to_thread.run_sync(store.chat, key, max(1, min(limit, 10_000)))
         store.mark_read()
-        names = await self._names()
-        return [_chat_dict(row, names) for row in rows]
+        return [_chat_dict(row, self._contact_names) for row in rows]
 
     async def message_status(self, message_id: str) -> dict[str, Any]:
         try:
@@ -506,6 +546,7 @@ class Twin:
         if not self._store().remove_contact(peer.raw):
             raise ApiError("unknownTwin", f"{peer.text} is not a contact")
         self._accepted_contacts.discard(peer.raw)
+        self._contact_names.pop(peer.raw, None)
         self._emit({"contact": {"twin": peer.text, "name": "", "state": "removed",
                                 "since": time.time()}})
 
@@ -569,13 +610,8 @@ class Twin:
         value = self._store().setting("contacts_only", "0")
         return value == "1"
 
-    async def _names(self) -> dict[bytes, str]:
-        rows = self._store().contacts()
-        return {row.twin: row.name for row in rows}
-
-    async def _chat_entry(self, row: ChatRow) -> dict[str, Any]:
-        contact = self._store().contact(row.peer)
-        return _chat_dict(row, {row.peer: contact.name} if contact else {})
+    def _chat_entry(self, row: ChatRow) -> dict[str, Any]:
+        return _chat_dict(row, self._contact_names)
 
     def _emit(self, event: dict[str, Any]) -> None:
         for subscriber in list(self._subscribers):
@@ -598,6 +634,11 @@ class Twin:
         return bus
 
 
+def _holds(stored: tuple[str, str] | None, change: tuple[bytes, str, str]) -> bool:
+    """Whether a store holding status `stored` stays as it is after `change`."""
+    return stored is not None and (stored[0] in _FINAL or stored == change[1:])
+
+
 def _reason(exc: BusError) -> str:
     text = str(exc)
     return text.removeprefix(f"{exc.code}: ")
@@ -606,13 +647,25 @@ def _reason(exc: BusError) -> str:
 def parse_twin(text: str) -> PublicKey:
     """A twin id from its text form; ApiError(malformed) saying why not."""
     try:
-        return PublicKey.from_text(text.strip())
+        return _twin_from_text(text.strip())
     except ValueError as exc:
         raise ApiError("malformed", f"{text[:60]!r} is not a twin id: {exc}") from None
 
 
+# A twin talks to the same few peers over and over: their keys' text forms (base32,
+# and the checks that come with it) are worked out once. Keys are immutable.
+@functools.lru_cache(maxsize=4096)
+def _twin_from_text(text: str) -> PublicKey:
+    return PublicKey.from_text(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _twin_text(raw: bytes) -> str:
+    return PublicKey(raw).text
+
+
 def _chat_dict(row: ChatRow, names: dict[bytes, str]) -> dict[str, Any]:
-    return {"id": row.id.hex(), "peer": PublicKey(row.peer).text,
+    return {"id": row.id.hex(), "peer": _twin_text(row.peer),
             "peerName": names.get(row.peer, ""), "outgoing": row.outgoing, "text": row.text,
             "at": row.at, "status": row.status, "code": row.code}
 

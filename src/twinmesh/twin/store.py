@@ -20,6 +20,7 @@ the newest `max_history` chat entries.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,6 +67,14 @@ _SCHEMA = (
 )
 
 _CHAT = "id, peer, outgoing, text, at, status, code"
+_INSERT_CHAT = f"INSERT OR IGNORE INTO chat ({_CHAT}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_FINAL = frozenset(("delivered", "expired", "failed"))
+_STOPS_WAITING = frozenset(("expired", "failed"))
+_UPDATE_STATUS = (
+    "UPDATE chat SET status = ?, code = ? WHERE id = ? AND outgoing = 1 "
+    "AND status NOT IN ('delivered', 'expired', 'failed') AND NOT (status = ? AND code = ?)"
+)
+TRIMS_PER_HISTORY = 64  # the history is trimmed every max_history / 64 entries
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,8 @@ class TwinStore(SqliteStore):
         super().__init__(path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA))
         self.max_waiting = max_waiting
         self.max_history = max_history
+        self._trim_every = max(1, max_history // TRIMS_PER_HISTORY)
+        self._untrimmed = self._trim_every - 1  # the first entry trims (max_history may be new)
 
     # ------------------------------------------------------------------ chat
 
@@ -110,44 +121,66 @@ class TwinStore(SqliteStore):
         """Record a chat entry (and the envelope that carries it, until a NIC takes it).
         False when that id is already recorded (a message delivered twice). Raises
         StorageError("... full") when `max_waiting` envelopes already wait."""
-        def run(conn: sqlite3.Connection) -> bool:
-            if waiting is not None:
-                (count,) = conn.execute("SELECT count(*) FROM waiting").fetchone()
-                if count >= self.max_waiting:
-                    raise StorageError(f"{self.path}: {count} messages already wait for a "
-                                       f"NIC (limit {self.max_waiting}): full")
-            cursor = conn.execute(
-                f"INSERT OR IGNORE INTO chat ({_CHAT}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (row.id, row.peer, int(row.outgoing), row.text, row.at, row.status, row.code))
-            if cursor.rowcount == 0:
+        values = (row.id, row.peer, int(row.outgoing), row.text, row.at, row.status, row.code)
+        if waiting is None:
+            # The usual case: one statement, its own transaction.
+            if not self._execute("record a chat message", _INSERT_CHAT, values).rowcount:
                 return False
-            if waiting is not None:
-                conn.execute(
-                    "INSERT INTO waiting (id, envelope, payload_size, deadline) "
-                    "VALUES (?, ?, ?, ?)",
-                    (waiting.id, waiting.envelope, waiting.payload_size, waiting.deadline))
-            conn.execute(
-                "DELETE FROM chat WHERE seq <= (SELECT max(seq) FROM chat) - ?",
-                (self.max_history,))
+            self._trim_history()
             return True
 
-        return self._write("record a chat message", run, power_safe=waiting is not None)
+        def run(conn: sqlite3.Connection) -> bool:
+            (count,) = conn.execute("SELECT count(*) FROM waiting").fetchone()
+            if count >= self.max_waiting:
+                raise StorageError(f"{self.path}: {count} messages already wait for a "
+                                   f"NIC (limit {self.max_waiting}): full")
+            if conn.execute(_INSERT_CHAT, values).rowcount == 0:
+                return False
+            conn.execute(
+                "INSERT INTO waiting (id, envelope, payload_size, deadline) "
+                "VALUES (?, ?, ?, ?)",
+                (waiting.id, waiting.envelope, waiting.payload_size, waiting.deadline))
+            return True
+
+        if not self._write("record a chat message", run, power_safe=True):
+            return False
+        self._trim_history()
+        return True
+
+    def _trim_history(self) -> None:
+        # Every `_trim_every` entries rather than with each (a statement per message
+        # saved); between trims the history holds up to that many more. Best effort:
+        # a trim that fails is tried again with the next entry.
+        self._untrimmed += 1
+        if self._untrimmed < self._trim_every:
+            return
+        with contextlib.suppress(StorageError):
+            self._execute("trim the chat history",
+                          "DELETE FROM chat WHERE seq <= (SELECT max(seq) FROM chat) - ?",
+                          (self.max_history,))
+            self._untrimmed = 0
 
     def set_status(self, changes: Iterable[tuple[bytes, str, str]]) -> list[bytes]:
         """Apply (id, status, code) changes to outgoing entries; a final status
         (delivered, expired, failed) is never overwritten by an earlier one. Returns
-        the ids that changed."""
+        the ids that changed. Several changes of one message (`sent`, then
+        `delivered`) are written once, as `collapse_statuses` folds them."""
+        changes = list(changes)
+        folded = collapse_statuses(changes)
+        stops = {message_id for message_id, status, _ in changes if status in _STOPS_WAITING}
+        if len(folded) == 1 and not stops:  # one statement, its own transaction
+            ((message_id, (status, code)),) = folded.items()
+            cursor = self._execute("update message statuses", _UPDATE_STATUS,
+                                   (status, code, message_id, status, code))
+            return [message_id] if cursor.rowcount else []
+
         def run(conn: sqlite3.Connection) -> list[bytes]:
             changed = []
-            for message_id, status, code in changes:
-                cursor = conn.execute(
-                    "UPDATE chat SET status = ?, code = ? WHERE id = ? AND outgoing = 1 "
-                    "AND status NOT IN ('delivered', 'expired', 'failed') "
-                    "AND NOT (status = ? AND code = ?)",
-                    (status, code, message_id, status, code))
+            for message_id, (status, code) in folded.items():
+                cursor = conn.execute(_UPDATE_STATUS, (status, code, message_id, status, code))
                 if cursor.rowcount:
                     changed.append(message_id)
-                if status in ("failed", "expired"):
+                if message_id in stops:
                     conn.execute("DELETE FROM waiting WHERE id = ?", (message_id,))
             return changed
 
@@ -234,6 +267,18 @@ class TwinStore(SqliteStore):
     def set_setting(self, key: str, value: str) -> None:
         self._write("save a setting", lambda conn: conn.execute(
             "INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value)))
+
+
+def collapse_statuses(changes: Iterable[tuple[bytes, str, str]]
+                      ) -> dict[bytes, tuple[str, str]]:
+    """Each message's status after `changes` in order, as `set_status` applies them:
+    the first final status stays; before one, the latest wins."""
+    folded: dict[bytes, tuple[str, str]] = {}
+    for message_id, status, code in changes:
+        current = folded.get(message_id)
+        if current is None or current[0] not in _FINAL:
+            folded[message_id] = (status, code)
+    return folded
 
 
 def _chat_row(row: Any) -> ChatRow:

@@ -1,0 +1,164 @@
+"""The bus client against a scripted NIC on a real Unix socket: what it does when the
+NIC is slow to read, never answers, or fails a request.
+
+The end-to-end behaviour (real NICs, delivery, acks, exactly once) is tested in
+tests/nic/test_twins.py and tests/nic/test_bus_reliability.py; here the NIC is a
+test double that speaks the local protocol by hand, so the test decides when it
+reads and what it answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from twinmesh.bus.client import REQUEST_TIMEOUT, BusClient, BusError
+from twinmesh.bus.crypto import MAX_PAYLOAD, read_header
+from twinmesh.carriers.unix import serve_unix
+from twinmesh.control.framed import FramedStream
+from twinmesh.identity.keys import Identity
+from twinmesh.wire import schemas
+
+_local = schemas.local
+TIMEOUT = 10
+BOB = Identity.generate().public
+
+
+class ScriptedNic:
+    """Attaches any twin, answers `publish`; what it does with submissions is up to
+    the test: `answer` (the default) says ok, else they are only collected."""
+
+    def __init__(self) -> None:
+        self.key = Identity.generate().public
+        self.reading = trio.Event()  # cleared: the NIC does not read (its buffer fills)
+        self.reading.set()
+        self.answer = True
+        self.submitted: list[tuple[int, bytes]] = []  # (request id, envelope)
+        self.framed: FramedStream | None = None
+        self._sending = trio.Lock()  # the test and the serving task both send
+
+    async def serve(self, stream: trio.abc.Stream, remote: str) -> None:
+        framed = self.framed = FramedStream(stream)
+        challenge = _local.LocalMessage.new_message()
+        challenge.init("challenge").nicKey = self.key.raw
+        challenge.challenge.nonce = bytes(32)
+        await framed.send(challenge.to_bytes())
+        assert await framed.receive() is not None  # the attach: any twin will do here
+        attached = _local.LocalMessage.new_message()
+        attached.init("attached").sessionId = 1
+        await framed.send(attached.to_bytes())
+        while True:
+            await self.reading.wait()
+            body = await framed.receive()
+            if body is None:
+                return
+            which, items = schemas.decode(_local.LocalMessage, body, _read)
+            if which == "publish":
+                await self.results([(items, True, "", "")])
+            elif which == "submits":
+                self.submitted += items
+                if self.answer:
+                    await self.results([(request_id, True, "", "queued")
+                                        for request_id, _ in items if request_id])
+
+    async def results(self, answers: list[tuple[int, bool, str, str]]) -> None:
+        assert self.framed is not None
+        message = _local.LocalMessage.new_message()
+        for result, (request_id, ok, code, status) in zip(
+                message.init("results", len(answers)), answers, strict=True):
+            result.requestId, result.ok, result.code, result.status = (
+                request_id, ok, code, status)
+        async with self._sending:
+            await self.framed.send(message.to_bytes())
+
+    async def status_update(self, message_id: bytes, status: str, code: str) -> None:
+        assert self.framed is not None
+        message = _local.LocalMessage.new_message()
+        update = message.init("statusUpdates", 1)[0]
+        update.messageId, update.status, update.code = message_id, status, code
+        async with self._sending:
+            await self.framed.send(message.to_bytes())
+
+
+def _read(reader: Any) -> tuple[str, Any]:
+    which = str(reader.which())
+    if which == "submits":
+        return which, [(int(s.requestId), bytes(s.envelope)) for s in reader.submits]
+    return which, int(reader.requestId)
+
+
+@asynccontextmanager
+async def attached(tmp_path: Path) -> AsyncIterator[tuple[BusClient, ScriptedNic]]:
+    nic = ScriptedNic()
+    path = tmp_path / "twins.sock"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_unix, path, nic.serve)
+        async with BusClient.connect(Identity.generate(), path) as bus:
+            yield bus, nic
+        nursery.cancel_scope.cancel()
+
+
+def _text(size: int) -> Any:
+    message = schemas.rmb.TextMessage.new_message()
+    message.body = "x" * size
+    return message
+
+
+async def test_sends_queued_while_the_nic_does_not_read_all_arrive_whole_in_order(
+    tmp_path: Path
+) -> None:
+    count = 24  # ~1.5 MB: far more than a socket buffer holds
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            nic.reading = trio.Event()
+            ids: list[bytes] = []
+
+            async def send(i: int) -> None:
+                ids.append(await bus.send(BOB, _text(MAX_PAYLOAD - 100)))
+
+            async with trio.open_nursery() as senders:
+                for i in range(count):
+                    senders.start_soon(send, i)
+                await trio.testing.wait_all_tasks_blocked()
+                nic.reading.set()
+            assert len(ids) == count
+            sent = [read_header(envelope).id for _, envelope in nic.submitted]
+            assert sorted(sent) == sorted(ids)
+            request_ids = [request_id for request_id, _ in nic.submitted]
+            assert request_ids == sorted(request_ids)  # in the order they were made
+
+
+async def test_a_nic_that_never_answers_fails_the_send_as_offline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with attached(tmp_path) as (bus, nic):
+        nic.answer = False
+        with trio.fail_after(10 * REQUEST_TIMEOUT):  # (virtual time)
+            with pytest.raises(BusError) as error:
+                await bus.send(BOB, _text(10))
+            assert error.value.code == "offline" and "did not answer" in str(error.value)
+            nic.answer = True  # later requests are answered again
+            assert len(await bus.send(BOB, _text(10))) == 16
+
+
+async def test_a_request_whose_message_fails_ends_with_the_nics_code(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with attached(tmp_path) as (bus, nic), trio.open_nursery() as nursery:
+        async def fail_it() -> None:
+            while not nic.submitted:
+                await trio.sleep(0.01)
+            message_id = read_header(nic.submitted[-1][1]).id
+            await nic.status_update(message_id, "failed", "noRoute")
+
+        nursery.start_soon(fail_it)
+        # (virtual time) long before the request would expire
+        with trio.fail_after(REQUEST_TIMEOUT / 2), pytest.raises(BusError) as error:
+            await bus.request(BOB, _text(10), timeout=REQUEST_TIMEOUT)
+        assert error.value.code == "noRoute"
