@@ -107,23 +107,12 @@ class Overlay:
 
         Raises NoRouteError when there is no route, LocalProtocolError when too large.
         """
-        router = self._router()
-        outputs = router.send_payload(destination, payload, trio.current_time())
-        for output in outputs:
-            if isinstance(output, SendTo):
-                session = self.sessions.get(output.peer)
-                if session is None:
-                    self.dropped += 1
-                    raise NoRouteError(f"no route to {destination.text}")
-                try:
-                    await session.send(output.data)
-                except LinkClosedError:
-                    self.dropped += 1
-                    raise NoRouteError(f"the link towards {destination.text} went down") from None
-            elif isinstance(output, Unreachable):
-                raise NoRouteError(f"no route to {destination.text}")
-            else:
-                self._handle([output])
+        for session, data in self._route(destination, payload):
+            try:
+                await session.send(data)
+            except LinkClosedError:
+                self.dropped += 1
+                raise NoRouteError(f"the link towards {destination.text} went down") from None
 
     def send_nowait(self, destination: PublicKey, payload: bytes) -> bool:
         """`send` without waiting: False when the first link's queue is full (the
@@ -135,22 +124,29 @@ class Overlay:
         first = self.sessions.get(next_hop) if next_hop is not None else None
         if first is not None and not first.has_room():
             return False
-        for output in router.send_payload(destination, payload, trio.current_time()):
+        for session, data in self._route(destination, payload):
+            try:
+                session.send_nowait(data)
+            except LinkClosedError:
+                self.dropped += 1
+                raise NoRouteError(f"the link towards {destination.text} went down") from None
+        return True
+
+    def _route(self, destination: PublicKey, payload: bytes) -> list[tuple[LinkSession, bytes]]:
+        """Where a payload packet goes first: NoRouteError when nowhere."""
+        sends = []
+        for output in self._router().send_payload(destination, payload, trio.current_time()):
             if isinstance(output, SendTo):
                 session = self.sessions.get(output.peer)
                 if session is None:
                     self.dropped += 1
                     raise NoRouteError(f"no route to {destination.text}")
-                try:
-                    session.send_nowait(output.data)
-                except LinkClosedError:
-                    self.dropped += 1
-                    raise NoRouteError(f"the link towards {destination.text} went down") from None
+                sends.append((session, output.data))
             elif isinstance(output, Unreachable):
                 raise NoRouteError(f"no route to {destination.text}")
             else:
                 self._handle([output])
-        return True
+        return sends
 
     async def ping(self, destination: PublicKey, timeout: float = 2.0) -> PingReply:
         """One overlay ping: RTT and hop count, or why it failed."""
