@@ -9,26 +9,18 @@ CPU than everything else twind did.
 Instead a store commits without the fsync (`synchronous=NORMAL`, still kill -9 safe)
 and the caller awaits `GroupSync.sync(path)` before acking. The first caller of a
 round leads it: it takes every file that asked meanwhile and fdatasyncs their
-write-ahead logs in one worker thread (one long-lived thread for the process: a
-`trio.to_thread` hop per round cost twice as much), then the others of that round
-return. While a round runs, the next one collects. A file's log (and, the first
-time, its directory) on disk after `sync` returns is what FULL would have given at
-commit.
+write-ahead logs in one worker thread, then the others of that round return. While a
+round runs, the next one collects. A file's log (and, the first time, its directory)
+on disk after `sync` returns is what FULL would have given at commit.
 
 Sans-I/O is not possible here (this is the I/O); the logic is small on purpose.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import outcome
 import trio
 
 from twinmesh.errors import StorageError
@@ -57,7 +49,7 @@ class GroupSync:
                 batch, self._pending = self._pending, set()
                 self._round += 1
                 # Not abandoned on cancel: the round finishes for everyone in it.
-                failed = await _SYNC_THREAD.run(self._sync_files, batch)
+                failed = await trio.to_thread.run_sync(self._sync_files, batch)
                 self._failed[ticket] = failed
                 self._done = ticket
                 self._failed.pop(ticket - KEEP_ROUNDS, None)
@@ -80,52 +72,6 @@ class GroupSync:
                 failed[path] = (f"{path}: cannot make the commit durable: "
                                 f"{exc.strerror or exc}")
         return failed
-
-
-class _SyncThread:
-    """One long-lived thread for the rounds of every GroupSync of the process: handing a
-    round to it costs about half a `trio.to_thread` hop (no thread-cache bookkeeping,
-    no renaming of the thread per job), which a busy twind pays for every round."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Callable[[Any], Any], Any, Any, Any]] = (
-            queue.SimpleQueue())
-        self._thread: threading.Thread | None = None
-        self._starting = threading.Lock()
-
-    async def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
-        """`fn(arg)` in the thread; not abandoned on cancel (as `to_thread.run_sync`)."""
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-        results: list[outcome.Outcome[Any]] = []
-
-        def deliver(result: outcome.Outcome[Any]) -> None:
-            results.append(result)
-            done.set()
-
-        self._start()
-        self._jobs.put((fn, arg, token, deliver))
-        with trio.CancelScope(shield=True):
-            await done.wait()
-        return results[0].unwrap()
-
-    def _start(self) -> None:
-        with self._starting:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, daemon=True,
-                                                name="twinmesh group sync")
-                self._thread.start()
-
-    def _work(self) -> None:
-        while True:
-            fn, arg, token, deliver = self._jobs.get()
-            result = outcome.capture(fn, arg)
-            # RunFinishedError: that trio run is over, nobody waits for the answer.
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(deliver, result)
-
-
-_SYNC_THREAD = _SyncThread()
 
 
 def _fdatasync(path: Path, *, directory: bool = False) -> None:
