@@ -75,8 +75,9 @@ def test_retries_back_off_exponentially_and_stop_at_the_deadline() -> None:
 
 
 def test_jitter_spreads_retries_within_bounds() -> None:
-    outbox = Outbox(OutboxConfig(initial_retry=1.0, max_retry=8.0, jitter=0.25),
-                    rng=random.Random(4))
+    # A budget big enough for 200 retries at once: here only the spread is in question.
+    outbox = Outbox(OutboxConfig(initial_retry=1.0, max_retry=8.0, jitter=0.25,
+                                 retry_burst=1000), rng=random.Random(4))
     for _ in range(200):
         message(outbox)
     first_retries = [t for t, o in run(outbox, 1.3) if isinstance(o, Transmit)]
@@ -215,58 +216,72 @@ def test_the_first_retry_waits_longer_once_acks_show_a_slow_path() -> None:
         message_id, token, _ = message(outbox, now=float(n))
         outbox.acked(message_id, token, now=n + 0.5)
     assert 0.5 <= outbox.retry_timeout() <= 1.0
+    timeout = outbox.retry_timeout()
     message(outbox, now=100.0)
     first_retry = min(t for t, o in run(outbox, 200.0) if isinstance(o, Transmit))
-    assert first_retry == 100.0 + outbox.retry_timeout()
+    assert first_retry == 100.0 + timeout
     # Acks of retried messages say nothing about the path (which attempt do they answer?).
-    before = outbox.retry_timeout()
     retried, token, _ = message(outbox, now=300.0)
-    run(outbox, 302.0)
-    outbox.acked(retried, token, now=302.0)
+    assert any(isinstance(o, Transmit) and o.attempt > 1 for _, o in run(outbox, 320.0))
+    before = outbox.retry_timeout()
+    outbox.acked(retried, token, now=320.0)
     assert outbox.retry_timeout() == before
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     plan=st.lists(
-        st.tuples(st.floats(0, 30), st.sampled_from(["ack", "offline", "final", "none"])),
+        st.tuples(st.floats(0, 30), st.sampled_from(["ack", "offline", "final", "none"]),
+                  st.sampled_from([BOB, CAROL])),
         min_size=1, max_size=30,
     ),
     seed=st.integers(0, 1000),
+    tight_budget=st.booleans(),
 )
 def test_every_message_ends_exactly_once(
-    plan: list[tuple[float, str]], seed: int
+    plan: list[tuple[float, str, PublicKey]], seed: int, tight_budget: bool
 ) -> None:
     """Whatever answers arrive and whenever, each accepted message ends in exactly one
-    final status (delivered, failed or expired), and nothing is transmitted after it."""
-    outbox = Outbox(OutboxConfig(max_retry=4.0), rng=random.Random(seed))
+    final status (delivered, failed or expired), and nothing is transmitted after it;
+    also when retries are held for budget or parked behind an away twin's probe, which
+    never skips an attempt number."""
+    budget = {"retry_ratio": 0.0, "retry_floor": 0.2, "retry_burst": 1} if tight_budget \
+        else {}
+    outbox = Outbox(OutboxConfig(max_retry=4.0, ack_grace=2.0, **budget),  # type: ignore[arg-type]
+                    rng=random.Random(seed))
     finals: dict[bytes, list[Status]] = {}
+    attempts: dict[bytes, list[int]] = {}
     after_final: list[bytes] = []
     events: list[tuple[float, bytes, str, bytes]] = []
-    for at, answer in plan:
-        message_id, token, _ = message(outbox, now=0.0, ttl=20.0)
+    for at, answer, destination in plan:
+        message_id, token, out = message(outbox, now=0.0, ttl=20.0, destination=destination)
         finals[message_id] = []
+        attempts[message_id] = [o.attempt for o in out if isinstance(o, Transmit)]
         events.append((at, message_id, answer, token))
     events.sort(key=lambda e: e[0])
 
-    def record(outputs: list[object]) -> None:
-        for o in outputs:
+    def record(outputs: list[tuple[float, object]]) -> None:
+        for at, o in outputs:
             if isinstance(o, StatusChanged) and o.status in (
                     Status.DELIVERED, Status.FAILED, Status.EXPIRED):
                 finals[o.id].append(o.status)
-            if isinstance(o, Transmit) and finals[o.id]:
-                after_final.append(o.id)
+            if isinstance(o, Transmit):
+                attempts[o.id].append(o.attempt)
+                if finals[o.id] or at >= 20.0:  # the deadline
+                    after_final.append(o.id)
 
     for at, message_id, answer, token in events:
-        record([o for _, o in run(outbox, at)])
+        record(run(outbox, at))
         if answer == "ack":
-            record(outbox.acked(message_id, token, at))
+            record([(at, o) for o in outbox.acked(message_id, token, at)])
         elif answer in ("offline", "final"):
-            record(outbox.error(message_id, "offline" if answer == "offline"
-                                else "unknownTwin", at))
-    record([o for _, o in run(outbox, 1000.0)])
+            record([(at, o) for o in outbox.error(message_id, "offline" if answer == "offline"
+                                                  else "unknownTwin", at)])
+    record(run(outbox, 1000.0))
     assert all(len(statuses) == 1 for statuses in finals.values()), finals
     assert not after_final and len(outbox) == 0
+    assert all(sent == list(range(1, len(sent) + 1)) for sent in attempts.values())
+    assert outbox.held == outbox.parked == outbox.away == 0
 
 
 def test_a_dropped_entry_is_gone_without_a_status() -> None:

@@ -24,6 +24,54 @@ slower (queues under load): the retransmission timeout follows the ack delays of
 messages acked at their first attempt (smoothed as TCP does: srtt + 4 rttvar, Karn's
 rule), so a busy NIC does not resend what is merely queued.
 
+Overload: retries must not multiply the load of a saturated path
+------------------------------------------------------------------
+Measured with 1000 twins on 20 NICs: at saturation the outbox sent each message 1.7
+to 2.3 times. Queues grew faster than the estimate could follow, and Karn's rule makes
+that worse: only messages acked before their first retry give a sample, so the samples
+never exceed the timeout they should raise. The retries then add load, the queues grow
+more. Three mechanisms bound it:
+
+1. **RTO backoff (RFC 6298, 5.5-5.7).** A retry that fires without an answer (a
+   timeout, not an "offline" notice) doubles the retransmission timeout, at most once
+   per current timeout (TCP has one timer per connection; we have one per message, and
+   a thousand messages timing out together are one congestion signal, not a thousand).
+   The doubled timeout applies to every message's next wait and stays until a valid
+   sample arrives from a message first sent after the last doubling (samples of
+   messages sent before it describe the old queue). It lets the samples reach the real
+   ack delay again, capped at `max_retry`. A single message's schedule is unchanged:
+   its own exponential backoff doubles in step.
+2. **Retry budget** (`proto.retry_budget`, as gRPC's retry throttling and Finagle's
+   `RetryBudget`). Each first send earns `retry_ratio` of a retry, time earns
+   `retry_floor` per second (so a lossy path with little traffic still recovers), the
+   bucket holds `retry_burst`. Over any T seconds retransmissions <= retry_burst +
+   retry_floor * T + retry_ratio * first sends, however wrong the timeout is. A retry
+   due without a token is *held*: queued in order of when it fell due, not sent, not
+   counted as an attempt, and sent as soon as a token is there; it keeps its deadline
+   (a held message still ends `delivered` or `expired`, exactly one of them), and an
+   ack of its earlier copy ends it without any retransmission, which is the common
+   case on a queue that is merely slow. Defaults: 10 % and 1/s, not Finagle's 20 % and
+   10/s, because a NIC carries 10-60 msgs/s here, where a floor of 10/s would be no
+   bound at all; the burst of 100 lets a short outage recover at once.
+   Not budgeted: the first send, sends after a restart (`restore`, the first of
+   this process), and retries while the network is silent (no ack or answer within
+   the current retransmission timeout): those reach no busy receiver (the problem
+   the budget is for) and are already bounded by each message's own backoff, and
+   they must not drain the budget during an outage, or the backlog would trickle out
+   at `retry_floor` after it (tests/nic/test_bus_reliability.py saw 40 messages
+   expire after a 4 s partition).
+3. **One probe per away twin.** After an "offline" notice for a destination, one
+   message (the *probe*) goes on retrying every `offline_retry` (budgeted); the
+   destination's other messages are *parked* without a timer until it is back. Any ack
+   from that twin (the probe's or a new message's) sends all parked ones at once and
+   unbudgeted: their last copy was answered "offline", so they are not duplicates, and
+   the ack has just shown the path works. A probe that ends otherwise (expired, failed)
+   hands the role to the oldest parked message. So a thousand messages for an away
+   twin cost one retry per 2 s, not five hundred per second.
+
+The shell can export `held_retries`, `parked_total`, `rto_backoffs` (counters) and
+`held`, `parked`, `away`, `retry_tokens`, `retry_timeout()` (gauges).
+
 An ack is accepted only when its delivery token hashes to the message's `ack_hash`
 (`ack_matches`), so no NIC on the path can stop the retries of a message it could not
 read. Status is kept for finished messages for `status_hold` seconds (the newest
@@ -44,6 +92,7 @@ from dataclasses import dataclass, field
 
 from twinmesh.identity.keys import PublicKey
 from twinmesh.proto.backoff import backoff_delay
+from twinmesh.proto.retry_budget import RetryBudget
 
 MAX_PAYLOAD = 64 * 1024
 # What a NIC waits past a deadline for an ack already on its way before it says
@@ -75,6 +124,11 @@ class OutboxConfig:
     status_hold: float = 7200.0  # how long a finished status is kept (memory and disk)
     max_finished: int = 100_000  # at most this many finished statuses (oldest go first)
     ack_grace: float = 0.0  # 0: expire at the deadline itself; the NIC uses ACK_GRACE
+    # Retry budget (see the module docstring): retries per first send, retries per
+    # second whatever the traffic, and the most saved up.
+    retry_ratio: float = 0.1
+    retry_floor: float = 1.0
+    retry_burst: float = 100.0
 
 
 @dataclass
@@ -94,6 +148,9 @@ class Entry:
     # nothing yet, so it is still better delivered than lost).
     fail_fast: bool = False
     first_sent: float = 0.0  # when the first attempt went out (not persisted)
+    # The last attempt was answered ("offline", "noRoute"): its retry is no timeout,
+    # says nothing about congestion (not persisted).
+    answered: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,6 +205,15 @@ FINAL = frozenset({Status.DELIVERED, Status.EXPIRED, Status.FAILED})
 
 
 @dataclass
+class _Away:
+    """A destination twin that answered "offline": the one message retrying for it, and
+    the others waiting for that one's ack (ids, oldest first)."""
+
+    probe: bytes | None = None
+    parked: dict[bytes, None] = field(default_factory=dict)
+
+
+@dataclass
 class Outbox:
     config: OutboxConfig = field(default_factory=OutboxConfig)
     rng: random.Random = field(default_factory=random.Random)
@@ -161,6 +227,20 @@ class Outbox:
         self._finished: dict[bytes, tuple[Status, str, float]] = {}
         self._srtt: float | None = None  # smoothed ack delay, seconds
         self._rttvar = 0.0
+        self._backoff = 1.0  # RTO multiplier since the last timeout, reset by a sample
+        self._backed_off_at = float("-inf")
+        self._answered_at = float("-inf")  # the last ack or notice from the network
+        config = self.config
+        self._budget = RetryBudget(config.retry_ratio, config.retry_floor,
+                                   config.retry_burst)
+        # Retries due but without budget, in the order they fell due. Their timer is
+        # their deadline; so is that of parked messages.
+        self._held: dict[bytes, None] = {}
+        self._away: dict[PublicKey, _Away] = {}
+        # Counters for the shell's metrics (only ever grow).
+        self.held_retries = 0  # retries postponed for lack of budget
+        self.parked_total = 0  # messages parked behind their destination's probe
+        self.rto_backoffs = 0  # doublings of the retransmission timeout
 
     # ------------------------------------------------------------------ admit
 
@@ -227,9 +307,19 @@ class Outbox:
         entry = self._entries.get(message_id)
         if entry is None or not token_matches(token, entry.ack_hash):
             return []
+        self._answered_at = max(self._answered_at, now)
         if entry.attempts == 1:  # an ack of a retried message could answer any attempt
             self._sample(now - entry.first_sent)
-        return self._finish(entry, Status.DELIVERED, "", now)
+            if entry.first_sent >= self._backed_off_at:  # sent under the backed-off RTO
+                self._backoff = 1.0
+        out = self._finish(entry, Status.DELIVERED, "", now)
+        away = self._away.pop(entry.destination, None)
+        if away is not None:
+            # The twin is back: what waited behind the probe goes now, unbudgeted (its
+            # last copy was answered "offline", so none of these is a duplicate).
+            for message_id in away.parked:
+                out.extend(self._attempt(self._entries[message_id], now))
+        return out
 
     def error(self, message_id: bytes, code: str, now: float) -> list[Output]:
         """The destination side answered with an error code (or the route failed)."""
@@ -239,10 +329,19 @@ class Outbox:
         entry.code = code
         if code in FINAL_CODES or (entry.fail_fast and code in ("offline", "noRoute")):
             return self._finish(entry, Status.FAILED, code, now)
+        entry.answered = True
         if code == "offline":
-            # The twin is away: keep trying, but not rarely, so it gets mail soon.
-            delay = min(self._delay(entry.attempts), self.config.offline_retry)
-            self._schedule(entry, now + delay)
+            self._answered_at = max(self._answered_at, now)
+            self._held.pop(entry.id, None)
+            away = self._away.setdefault(entry.destination, _Away())
+            if away.probe is None:
+                away.probe = entry.id
+            if away.probe == entry.id:
+                # The twin is away: keep trying, but not rarely, so it gets mail soon.
+                delay = min(self._delay(entry.attempts), self.config.offline_retry)
+                self._schedule(entry, now + delay)
+            elif entry.id not in away.parked:
+                self._park(entry, away)
         return []
 
     # ------------------------------------------------------------------ time
@@ -250,10 +349,20 @@ class Outbox:
     def get_timer(self) -> float | None:
         while self._timers and self._stale(self._timers[0]):
             heapq.heappop(self._timers)
-        return self._timers[0][0] if self._timers else None
+        when = self._timers[0][0] if self._timers else None
+        if self._held:
+            # Wake when the budget has a token for the first held retry, or when the
+            # network has been silent long enough for held retries to go uncharged.
+            ready = self._answered_at + self.retry_timeout()
+            token = self._budget.ready_at()
+            if token is not None:
+                ready = min(ready, token)
+            when = ready if when is None else min(when, ready)
+        return when
 
     def handle_timer(self, now: float) -> list[Output]:
         out: list[Output] = []
+        self._release_held(now, out)
         while self._timers and self._timers[0][0] <= now:
             when, message_id = heapq.heappop(self._timers)
             entry = self._entries.get(message_id)
@@ -263,10 +372,11 @@ class Outbox:
                 out.extend(self._finish(entry, Status.EXPIRED, entry.code, now))
             elif entry.deadline <= now:
                 # No more attempts; wait for an ack still in the air, then expire.
+                self._detach(entry, now)
                 entry.next_try = entry.deadline + self.config.ack_grace
                 heapq.heappush(self._timers, (entry.next_try, entry.id))
             else:
-                out.extend(self._attempt(entry, now))
+                self._retry(entry, now, out)
         # Finished statuses are held for the same time each, so the dict (in insertion
         # order) expires from its front: stop at the first one still held.
         while self._finished:
@@ -281,7 +391,7 @@ class Outbox:
         "overloaded" and never heard "accepted"."""
         entry = self._entries.get(message_id)
         if entry is not None:
-            self._remove(entry)
+            self._remove(entry, entry.next_try)
 
     # ---------------------------------------------------------------- status
 
@@ -305,6 +415,26 @@ class Outbox:
         entry = self._entries.get(message_id)
         return None if entry is None else entry.destination
 
+    @property
+    def held(self) -> int:
+        """Retries due now but waiting for the retry budget."""
+        return len(self._held)
+
+    @property
+    def parked(self) -> int:
+        """Messages waiting for an away twin's probe to be acked."""
+        return sum(len(away.parked) for away in self._away.values())
+
+    @property
+    def away(self) -> int:
+        """Destination twins that answered "offline" and have not acked since."""
+        return len(self._away)
+
+    @property
+    def retry_tokens(self) -> float:
+        """Retries the budget allows right now (as of the last call)."""
+        return self._budget.tokens
+
     # -------------------------------------------------------------- internals
 
     def _add(self, entry: Entry) -> None:
@@ -314,12 +444,92 @@ class Outbox:
 
     def retry_timeout(self) -> float:
         """The wait before a first retry: `initial_retry`, or the ack delay seen
-        lately plus four deviations when that is longer (at most `max_retry`)."""
+        lately plus four deviations when that is longer, doubled per timeout since the
+        last valid sample (at most `max_retry`)."""
+        return min(self.config.max_retry, self._measured_timeout() * self._backoff)
+
+    def _measured_timeout(self) -> float:
         config = self.config
         if self._srtt is None:
             return config.initial_retry
-        return min(config.max_retry, max(config.initial_retry,
-                                          self._srtt + 4 * self._rttvar))
+        return max(config.initial_retry, self._srtt + 4 * self._rttvar)
+
+    def _timed_out(self, now: float) -> None:
+        """A retry fires without any answer to the last attempt: back the timeout off,
+        once per current timeout whatever the number of messages timing out."""
+        timeout = self.retry_timeout()
+        if timeout < self.config.max_retry and now - self._backed_off_at >= timeout:
+            self._backoff *= 2
+            self._backed_off_at = now
+            self.rto_backoffs += 1
+
+    def _retry(self, entry: Entry, now: float, out: list[Output]) -> None:
+        """A retry fell due: send it, park it behind its destination's probe, or hold
+        it until the budget allows (held retries keep their turn)."""
+        away = self._must_park(entry)
+        if away is not None:
+            self._park(entry, away)
+        elif self._held or not self._may_retry(now):
+            self._held[entry.id] = None
+            self.held_retries += 1
+            self._schedule(entry, entry.deadline)
+        else:
+            self._retransmit(entry, now, out)
+
+    def _release_held(self, now: float, out: list[Output]) -> None:
+        while self._held:
+            entry = self._entries[next(iter(self._held))]
+            away = self._must_park(entry)
+            if away is None and not self._may_retry(now):
+                return
+            del self._held[entry.id]
+            if away is not None:
+                self._park(entry, away)
+            else:
+                self._retransmit(entry, now, out)
+
+    def _may_retry(self, now: float) -> bool:
+        """A retry goes now if the network is silent (uncharged) or the budget pays."""
+        silent = now >= self._answered_at + self.retry_timeout()  # as in get_timer
+        return silent or self._budget.try_withdraw(now)
+
+    def _retransmit(self, entry: Entry, now: float, out: list[Output]) -> None:
+        if not entry.answered:
+            self._timed_out(now)
+        out.extend(self._attempt(entry, now))
+
+    def _must_park(self, entry: Entry) -> _Away | None:
+        """The away record to park `entry` in; None if its destination is not away or
+        it is (or becomes) the destination's probe."""
+        away = self._away.get(entry.destination)
+        if away is None:
+            return None
+        if away.probe is None:
+            away.probe = entry.id
+        return None if away.probe == entry.id else away
+
+    def _park(self, entry: Entry, away: _Away) -> None:
+        away.parked[entry.id] = None
+        self.parked_total += 1
+        self._schedule(entry, entry.deadline)  # no retry; the deadline still counts
+
+    def _detach(self, entry: Entry, now: float) -> None:
+        """Take `entry` out of the held queue and its destination's away record; a
+        probe hands its role to the oldest parked message, which is retried at `now`."""
+        self._held.pop(entry.id, None)
+        away = self._away.get(entry.destination)
+        if away is None:
+            return
+        away.parked.pop(entry.id, None)
+        if away.probe == entry.id:
+            away.probe = None
+            if away.parked:
+                successor = self._entries[next(iter(away.parked))]
+                del away.parked[successor.id]
+                away.probe = successor.id
+                self._schedule(successor, now)
+        if away.probe is None and not away.parked:
+            del self._away[entry.destination]
 
     def _sample(self, delay: float) -> None:
         if delay < 0:
@@ -333,7 +543,9 @@ class Outbox:
     def _attempt(self, entry: Entry, now: float) -> list[Output]:
         if not entry.attempts:
             entry.first_sent = now
+            self._budget.deposit(now)
         entry.attempts += 1
+        entry.answered = False
         out: list[Output] = [Transmit(entry.id, entry.destination, entry.envelope,
                                       entry.attempts)]
         if entry.status is Status.QUEUED:
@@ -343,9 +555,12 @@ class Outbox:
         return out
 
     def _delay(self, attempts: int) -> float:
+        """The wait after attempt number `attempts`: the measured timeout doubled per
+        attempt of this message, and never shorter than the backed-off timeout."""
         config = self.config
-        return backoff_delay(attempts, initial=self.retry_timeout(), cap=config.max_retry,
-                             jitter=config.jitter, rng=self.rng)
+        own = self._measured_timeout() * 2 ** min(max(attempts - 1, 0), 32)
+        return backoff_delay(1, initial=max(own, self.retry_timeout()),
+                             cap=config.max_retry, jitter=config.jitter, rng=self.rng)
 
     def _schedule(self, entry: Entry, when: float) -> None:
         # Never retry past the deadline: the last timer is the deadline itself.
@@ -356,7 +571,8 @@ class Outbox:
         entry = self._entries.get(item[1])
         return entry is None or entry.next_try != item[0]
 
-    def _remove(self, entry: Entry) -> None:
+    def _remove(self, entry: Entry, now: float) -> None:
+        self._detach(entry, now)
         del self._entries[entry.id]
         self._per_destination[entry.destination] -= 1
         if not self._per_destination[entry.destination]:
@@ -366,7 +582,7 @@ class Outbox:
             del self._per_source[entry.source]
 
     def _finish(self, entry: Entry, status: Status, code: str, now: float) -> list[Output]:
-        self._remove(entry)
+        self._remove(entry, now)
         entry.status = status
         until = now + self.config.status_hold
         self._remember(entry.id, status, code, until)
