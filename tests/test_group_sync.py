@@ -87,3 +87,69 @@ async def test_later_callers_are_not_answered_by_an_earlier_round(tmp_path: Path
         assert group.rounds == 2
     finally:
         conn.close()
+
+
+async def test_rounds_go_to_the_worker_thread_while_it_runs(tmp_path: Path) -> None:
+    paths = [tmp_path / f"store-{i}.sqlite3" for i in range(20)]
+    conns = [_wal_database(p) for p in paths]
+    missing = tmp_path / "gone" / "inbox.sqlite3"
+    group = GroupSync()
+    returned: list[Path] = []
+    refused: list[str] = []
+
+    async def one(path: Path) -> None:
+        try:
+            await group.sync(path)
+            returned.append(path)
+        except StorageError as exc:
+            refused.append(str(exc))
+
+    try:
+        async with trio.open_nursery() as daemon:
+            await daemon.start(group.run)
+            with pytest.raises(RuntimeError, match="already running"):
+                await group.run()
+            for conn in conns:
+                conn.execute("INSERT INTO t VALUES (1)")
+            async with trio.open_nursery() as nursery:
+                for path in [*paths, missing]:
+                    nursery.start_soon(one, path)
+            # One after another, too: each round is answered, none mixed up.
+            for path in paths[:3]:
+                await one(path)
+            daemon.cancel_scope.cancel()
+        # The worker is gone: rounds take a thread of their own again.
+        await one(paths[0])
+    finally:
+        for conn in conns:
+            conn.close()
+    assert sorted(returned) == sorted([*paths, *paths[:3], paths[0]])
+    assert len(refused) == 1 and refused[0].startswith(f"{missing}: cannot make the commit")
+    assert group.files == 25
+    assert group.rounds <= 2 + 4
+
+
+async def test_a_round_under_way_when_the_daemon_stops_still_finishes(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    conn = _wal_database(path)
+    group = GroupSync()
+    done: list[str] = []
+
+    async def caller() -> None:
+        await group.sync(path)  # the round is not abandoned by the cancel
+        done.append("synced")
+
+    try:
+        async with trio.open_nursery() as daemon:
+            await daemon.start(group.run)
+            conn.execute("INSERT INTO t VALUES (1)")
+            daemon.start_soon(caller)
+            worker = group._worker  # white box: cancel while the thread has the round
+            assert worker is not None
+            while not worker._in_round:
+                await trio.lowlevel.checkpoint()
+            daemon.cancel_scope.cancel()
+    finally:
+        conn.close()
+    assert done == ["synced"]
+    assert group.rounds == 1

@@ -13,12 +13,26 @@ write-ahead logs in one worker thread, then the others of that round return. Whi
 round runs, the next one collects. A file's log (and, the first time, its directory)
 on disk after `sync` returns is what FULL would have given at commit.
 
+The thread: `run()` is a task (start it in the daemon's nursery) that keeps one
+worker thread for as long as it runs, taken with `trio.to_thread` and ended when the
+task is cancelled (structured: no thread outlives its nursery). A round is handed to
+it on a queue and it answers by writing a byte to a pipe the leader waits on in
+trio: one wake-up of the event loop per round. Measured on the 2-core VM with rounds
+of one file: ~90 µs of CPU per round on top of the fdatasync itself, against ~260 µs
+for a `trio.to_thread.run_sync` per round (thread-cache hand-off, thread renaming,
+the capacity limiter's checkpoint and the result's trip through trio's entry queue).
+While no `run()` is running (a client used alone, tests) each round takes a thread
+from trio's cache as before.
+
 Sans-I/O is not possible here (this is the I/O); the logic is small on purpose.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -36,8 +50,25 @@ class GroupSync:
         self._done = -1  # the last round that finished
         self._failed: dict[int, dict[Path, str]] = {}
         self._dirs_synced: set[Path] = set()  # touched only by the round's thread
+        self._worker: _Worker | None = None  # set while `run` runs
         self.rounds = 0
         self.files = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Keep a worker thread for the rounds until cancelled (start it in the
+        daemon's nursery). At most one `run` at a time."""
+        if self._worker is not None:
+            raise RuntimeError("GroupSync.run is already running")
+        worker = _Worker(self._sync_files)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker.serve)
+                self._worker = worker
+                task_status.started()
+        finally:
+            self._worker = None
+            worker.close()
 
     async def sync(self, path: Path) -> None:
         """Return once `path`'s write-ahead log, as committed before this call, is on
@@ -49,7 +80,11 @@ class GroupSync:
                 batch, self._pending = self._pending, set()
                 self._round += 1
                 # Not abandoned on cancel: the round finishes for everyone in it.
-                failed = await trio.to_thread.run_sync(self._sync_files, batch)
+                worker = self._worker
+                if worker is not None:
+                    failed = await worker.run_round(batch)
+                else:
+                    failed = await trio.to_thread.run_sync(self._sync_files, batch)
                 self._failed[ticket] = failed
                 self._done = ticket
                 self._failed.pop(ticket - KEEP_ROUNDS, None)
@@ -72,6 +107,86 @@ class GroupSync:
                 failed[path] = (f"{path}: cannot make the commit durable: "
                                 f"{exc.strerror or exc}")
         return failed
+
+
+class _Worker:
+    """One thread that runs the rounds handed to it, one at a time (the caller holds
+    the GroupSync lock), and says each is done through a pipe. Only the trio thread
+    touches its fields, except `_answer` (written by the thread before the byte that
+    says it is there)."""
+
+    def __init__(self, sync_files: Callable[[set[Path]], dict[Path, str]]) -> None:
+        self._sync_files = sync_files
+        self._jobs: queue.SimpleQueue[set[Path] | None] = queue.SimpleQueue()
+        self._done_read, self._done_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._answer: dict[Path, str] = {}
+        self._stopped = False  # the thread takes no more rounds: they go to_thread
+        self._in_round = False
+        self._closed = False
+
+    async def serve(self) -> None:
+        """Run the thread until cancelled; it finishes the round it was given first."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_cancelled)
+                # Its own limiter: this thread lives as long as the daemon and must
+                # not hold a token of the default one, which other to_thread calls use.
+                await trio.to_thread.run_sync(self._work, limiter=trio.CapacityLimiter(1))
+        finally:
+            self._stopped = True
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._stopped = True
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (paths := self._jobs.get()) is not None:
+            try:
+                self._answer = self._sync_files(paths)
+            except BaseException as exc:  # a bug: nobody of the round may think it synced
+                self._answer = {path: f"{path}: cannot make the commit durable: {exc!r}"
+                                for path in paths}
+            os.write(self._done_write, b".")
+
+    async def run_round(self, paths: set[Path]) -> dict[Path, str]:
+        """The files of `paths` that could not be synced, with why. The round finishes
+        even if the caller is cancelled meanwhile (the others of the round wait)."""
+        if self._stopped:
+            return await trio.to_thread.run_sync(self._sync_files, paths)
+        self._in_round = True
+        try:
+            self._jobs.put(paths)
+            with trio.CancelScope(shield=True):
+                while True:
+                    await trio.lowlevel.wait_readable(self._done_read)
+                    with contextlib.suppress(BlockingIOError):
+                        if os.read(self._done_read, 64):
+                            break
+        finally:
+            self._in_round = False
+            if self._closed:
+                self._close_pipe()
+        answer, self._answer = self._answer, {}
+        return answer
+
+    def close(self) -> None:
+        """Once `serve` returned (the thread is gone); a round's leader that has not
+        read its byte yet closes the pipe after it."""
+        self._closed = True
+        if not self._in_round:
+            self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self._done_read < 0:
+            return
+        trio.lowlevel.notify_closing(self._done_read)
+        for fd in (self._done_read, self._done_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._done_read = self._done_write = -1
 
 
 def _fdatasync(path: Path, *, directory: bool = False) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 import structlog
 import trio
 
+from twinmesh.bus import local_frames
 from twinmesh.bus.crypto import MAX_PAYLOAD, Header, Opened, TwinCrypto, read_header
 from twinmesh.bus.inbox_store import InboxStore, IncomingMessage
 from twinmesh.carriers.unix import connect_unix
@@ -71,6 +72,7 @@ SUBMITS_ITEMS = 1024
 WRITE_BACKLOG = 4 * 1024 * 1024  # bytes queued for the NIC before writers wait
 _local = schemas.local
 _FINAL = ("delivered", "expired", "failed")
+_TEXT_ID = schemas.rmb.TextMessage.schema.node.id
 
 
 class BusError(TwinmeshError):
@@ -213,6 +215,9 @@ class BusClient:
             client = cls(identity, framed, nic, inbox=inbox, accepted=accepted,
                          group_sync=group_sync, crypto=crypto)
             async with trio.open_nursery() as nursery:
+                if group_sync is None and inbox is not None:
+                    # Its own: the rounds' thread lives as long as the connection.
+                    await nursery.start(client.group_sync.run)
                 nursery.start_soon(client._reader)
                 nursery.start_soon(client._writer)
                 nursery.start_soon(client._watchdog)
@@ -510,7 +515,8 @@ class BusClient:
                     event.set()  # they return what they have
                 self._incoming_in.close()  # receive() says "offline" once drained
                 return
-            which, value = schemas.decode(_local.LocalMessage, body, _read_local)
+            which, value = (local_frames.read(body)
+                            or schemas.decode(_local.LocalMessage, body, _read_local))
             if which == "result":
                 self._result(*value)
             elif which == "results":
@@ -687,6 +693,10 @@ class BusClient:
         struct = self.accepted.get(schema_id)
         if struct is None:
             return f"schema {schema_id:#x} is not accepted by this twin", None
+        if schema_id == _TEXT_ID:  # chat: most of what a twin gets, read without pycapnp
+            body = local_frames.read_text_payload(payload)
+            if body is not None:
+                return None, {"body": body}
         try:
             fields: dict[str, Any] = schemas.decode(struct, payload,
                                                     lambda reader: reader.to_dict())
@@ -827,16 +837,7 @@ def _encode(items: list[tuple[str, Any]], max_frame: int) -> bytes:
         nonlocal size
         if not run:
             return
-        message = _local.LocalMessage.new_message()
-        submits = message.init("submits", len(run))
-        for submit, (request_id, envelope, reliable, fail_fast, payload_size) in zip(
-                submits, run, strict=True):
-            submit.requestId = request_id
-            submit.envelope = envelope
-            submit.reliable = reliable
-            submit.failFast = fail_fast
-            submit.payloadSize = payload_size
-        frames.append(encode_frame(message.to_bytes(), max_frame))
+        frames.append(encode_frame(local_frames.submits(run), max_frame))
         run.clear()
         size = 0
 

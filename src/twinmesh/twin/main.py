@@ -107,6 +107,7 @@ async def serve_hosted(root: Path, count: int, nics: list[Path]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         group_sync = GroupSync()  # the twins' inbox fsyncs go in rounds
         async with trio.open_nursery() as nursery:
+            await nursery.start(group_sync.run)  # its thread, for the whole run
             for i in range(count):
                 state_dir = ensure_state_dir(root / f"twin-{i:04d}")
                 preferred = i % len(nics)

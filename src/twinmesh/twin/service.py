@@ -33,6 +33,7 @@ import structlog
 import trio
 
 from twinmesh import __version__
+from twinmesh.bus import local_frames
 from twinmesh.bus.client import BusClient, BusError, Received
 from twinmesh.bus.crypto import MAX_PAYLOAD, MAX_TTL, TwinCrypto
 from twinmesh.bus.inbox_store import InboxStore
@@ -79,7 +80,9 @@ class Twin:
         self.state_dir = state_dir  # immutable after construction
         self.nics = list(nics)  # the NICs to try, preferred first; changed by `move`
         self.crypto = TwinCrypto(identity)
-        # One per process: the inbox fsyncs of all its twins go in rounds.
+        # One per process: the inbox fsyncs of all its twins go in rounds. Its worker
+        # thread runs in the daemon's nursery, or in `run` when it is this twin's own.
+        self._own_group_sync = group_sync is None
         self.group_sync = group_sync if group_sync is not None else GroupSync()
         self.store: TwinStore | None = None
         self.inbox_store: InboxStore | None = None
@@ -119,6 +122,8 @@ class Twin:
                 InboxStore, self.state_dir / INBOX_FILE)
             await self._load_screen()
             async with trio.open_nursery() as nursery:
+                if self._own_group_sync:
+                    await nursery.start(self.group_sync.run)
                 nursery.start_soon(self._record_statuses)
                 nursery.start_soon(self._stay_attached)
                 task_status.started(self)
@@ -419,7 +424,7 @@ class Twin:
             raise ApiError("tooLarge", f"a message of {len(text)} characters exceeds {MAX_TEXT}")
         if not 1.0 <= ttl <= MAX_TTL:
             raise ApiError("malformed", f"ttl must be between 1 and {MAX_TTL:g} seconds")
-        payload = _rmb.TextMessage.new_message(body=text).to_bytes()
+        payload = local_frames.text_payload(text)
         if len(payload) > MAX_PAYLOAD:
             raise ApiError("tooLarge", "the message does not fit in one bus message")
         now = time.time()
