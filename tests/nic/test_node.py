@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import trio
@@ -10,9 +11,9 @@ import trio.testing
 
 from twinmesh.carriers.uri import PeerUri
 from twinmesh.errors import NoRouteError
-from twinmesh.identity.keys import Identity
+from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.testing.memnet import MemoryNetwork
-from twinmesh.testing.nics import LINK, nic_mesh, wait_for
+from twinmesh.testing.nics import LINK, MeshNode, nic_mesh, wait_for
 
 
 async def test_two_nics_link_and_exchange_data(autojump_clock: trio.testing.MockClock) -> None:
@@ -198,3 +199,88 @@ async def test_send_nowait_delivers_or_says_no_route(
             await wait_for(lambda: bool(a.received))
             await trio.sleep(1)
             assert a.received == [(b.nic.key, b"at once")]
+
+
+def internal_errors(node: MeshNode, where: str) -> float:
+    [family] = [m for m in node.nic.metrics() if m.name == "twinmesh_internal_errors_total"]
+    return dict((labels["where"], value) for labels, value in family.samples)[where]
+
+
+@pytest.mark.parametrize("failing", ["dialling", "listening"])
+async def test_a_bug_handling_one_packet_drops_only_that_packet(
+    autojump_clock: trio.testing.MockClock, failing: str,
+) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with nic_mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            b.nic.add_peer(a.pinned)  # b dials, a listens
+            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+            victim, sender = (b, a) if failing == "dialling" else (a, b)
+            link = victim.nic.by_peer[sender.nic.key]
+
+            def on_packet(source: PublicKey, data: bytes, hops: int) -> None:
+                if data == b"boom":
+                    raise ValueError("a bug in a packet handler")
+                victim.received.append((source, data))
+
+            victim.nic.overlay.on_packet = on_packet
+            await sender.nic.send(victim.nic.key, b"boom")
+            await sender.nic.send(victim.nic.key, b"after")
+            await wait_for(lambda: bool(victim.received))
+            assert victim.received == [(sender.nic.key, b"after")]
+            assert victim.nic.by_peer[sender.nic.key] is link and link.is_up
+            assert internal_errors(victim, "link_packet") == 1
+            assert internal_errors(sender, "link_packet") == 0
+
+
+async def test_a_bug_in_a_routing_timer_step_is_contained(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with nic_mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            b.nic.add_peer(a.pinned)
+            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+            router = b.nic.overlay.router
+            assert router is not None
+            handle_timer = router.handle_timer
+            failures = [RuntimeError("a bug in a timer step")]
+
+            def failing(now: float) -> Any:
+                if failures:
+                    raise failures.pop()
+                return handle_timer(now)
+
+            monkeypatch.setattr(router, "handle_timer", failing)
+            await wait_for(lambda: internal_errors(b, "overlay_timer") == 1)
+            await b.nic.send(a.nic.key, b"still routing")
+            await wait_for(lambda: bool(a.received))
+            assert a.received == [(b.nic.key, b"still routing")]
+
+
+async def test_a_bug_in_a_link_core_ends_only_that_link(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = MemoryNetwork()
+    with trio.fail_after(30):
+        async with nic_mesh(net, ["a", "b"]) as n:
+            a, b = n["a"], n["b"]
+            b.nic.add_peer(a.pinned)
+            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+            first = b.nic.by_peer[a.nic.key]
+
+            def broken(data: bytes, now: float) -> Any:
+                raise AssertionError("a bug in the link core")
+
+            monkeypatch.setattr(first.core, "receive_data", broken)
+            await a.nic.send(b.nic.key, b"lost with the link")
+            await wait_for(lambda: first.down is not None)
+            assert first.down is not None and "internal error" in first.down.reason
+            assert internal_errors(b, "link_core") == 1
+            await wait_for(lambda: b.up_peers() == {a.nic.key}
+                           and b.nic.by_peer[a.nic.key] is not first)
+            await a.nic.send(b.nic.key, b"on the next link")
+            await wait_for(lambda: bool(b.received))
+            assert b.received == [(a.nic.key, b"on the next link")]

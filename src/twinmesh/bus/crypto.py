@@ -81,7 +81,7 @@ import nacl.utils
 
 from twinmesh.errors import AuthenticationError, DecodeError, ExpiredError, LocalProtocolError
 from twinmesh.identity.keys import KEY_SIZE, Identity, PublicKey
-from twinmesh.wire import schemas
+from twinmesh.wire import flat, schemas
 
 _rmb = schemas.rmb
 
@@ -324,7 +324,7 @@ class TwinCrypto:
             schema_id=schema_id,
             ack_hash=token_hash(token),
             ack_token=b"",
-            plaintext=_flat_message(b"", (token, bytes(payload))),
+            plaintext=flat.message(b"", (token, bytes(payload))),
         )
 
     def seal_ack(self, message: Header, token: bytes, *, now: float) -> bytes:
@@ -571,7 +571,8 @@ class TwinCrypto:
             plaintext, associated_data(header), nonce, key
         )
         if not more_acks:
-            return _flat_message(
+            # What pycapnp builds, with one copy of each blob instead of three.
+            return flat.message(
                 _ENVELOPE_DATA.pack(header.created, header.deadline, _KIND_VALUES[kind],
                                     schema_id),
                 (header.id, header.source.raw, header.destination.raw, reply_to, ack_hash,
@@ -647,133 +648,31 @@ def _words(size: int) -> int:
     return (size + 1024) // 8
 
 
-# Envelope layout (rmb.capnp, as compiled): four data words, nine pointers.
+# Envelope layout (rmb.capnp, as compiled): four data words (created, deadline, kind
+# and its padding, schemaId), nine pointers.
 _ENVELOPE_DATA_WORDS = 4
 _ENVELOPE_POINTERS = 9
-_U32_PAIR = struct.Struct("<II")
-_U64_LE = struct.Struct("<Q")
-_F64_LE = struct.Struct("<d")
-_U16_LE = struct.Struct("<H")
-# created, deadline, kind (+ padding), schemaId; then the nine pointers.
-_ENVELOPE_FLAT = struct.Struct("<ddH6xQ9Q")
-
-
 _ENVELOPE_DATA = struct.Struct("<ddH6xQ")
-
-
-def _flat_message(data_section: bytes, blobs: tuple[bytes, ...]) -> bytes:
-    """A single-segment Cap'n Proto message whose root struct has `data_section`
-    (whole words) and one Data pointer per blob, the blobs after it in order: what
-    pycapnp builds for such a struct, with one copy of each blob instead of three
-    (builder, segment, bytes), and readable by `_flat_struct` without pycapnp."""
-    count = len(blobs)
-    pointers: list[int] = []
-    body: list[bytes] = []
-    position = 0  # words from the end of the pointer section to the next blob
-    remaining = count
-    for blob in blobs:
-        remaining -= 1
-        size = len(blob)
-        if not size:
-            pointers.append(0)
-            continue
-        # A byte-list pointer: its offset counts words from the pointer's own end.
-        pointers.append(1 | ((remaining + position) << 2) | (2 << 32) | (size << 35))
-        body.append(blob)
-        padded = (size + 7) & ~7
-        if padded != size:
-            body.append(_ZEROS[:padded - size])
-        position += padded >> 3
-    data_words = len(data_section) >> 3
-    root = (data_words << 32) | (count << 48)  # a struct pointer, offset 0
-    return b"".join((_U32_PAIR.pack(0, 1 + data_words + count + position),
-                     _U64_LE.pack(root), data_section, _POINTERS[count].pack(*pointers),
-                     *body))
-
-
-_ZEROS = bytes(8)
-_POINTERS = {count: struct.Struct(f"<{count}Q") for count in range(1, 16)}
-
-
-def _flat_struct(data: bytes) -> tuple[int, int, int, int, int] | None:
-    """Where the root struct of a single-segment Cap'n Proto message lies: (data
-    section start, data words, pointer section start, pointer count, segment end).
-    None for anything else (several segments, a far or odd root pointer, out of
-    bounds): then pycapnp reads it, and decides."""
-    if len(data) < 16:
-        return None
-    segments_minus_one, words = _U32_PAIR.unpack_from(data, 0)
-    end = 8 + words * 8
-    if segments_minus_one != 0 or end != len(data):
-        return None
-    (root,) = _U64_LE.unpack_from(data, 8)
-    if root & 3 != 0 or root == 0:
-        return None
-    offset = (root >> 2) & 0x3FFFFFFF
-    if offset & 0x20000000:
-        offset -= 0x40000000
-    data_words = (root >> 32) & 0xFFFF
-    pointers = root >> 48
-    start = 16 + offset * 8
-    if start < 8 or start + (data_words + pointers) * 8 > end:
-        return None
-    return start, data_words, start + data_words * 8, pointers, end
-
-
-def _flat_data(data: bytes, pointers: int, count: int, index: int, end: int) -> bytes | None:
-    """The Data field behind pointer `index` of a flat struct; b"" when null or beyond
-    the pointer section (an older writer); None when it is not a plain byte list in
-    bounds (then pycapnp decides)."""
-    if index >= count:
-        return b""
-    position = pointers + index * 8
-    (word,) = _U64_LE.unpack_from(data, position)
-    if word == 0:
-        return b""
-    if word & 3 != 1 or (word >> 32) & 7 != 2:
-        return None
-    offset = (word >> 2) & 0x3FFFFFFF
-    if offset & 0x20000000:
-        offset -= 0x40000000
-    start = position + 8 + offset * 8
-    size = word >> 35
-    if start < 8 or start + size > end:
-        return None
-    return data[start:start + size]
 
 
 def _flat_fields(envelope: bytes) -> _Fields | None:
     """The envelope's fields read straight from a flat (single-segment) encoding, as
     pycapnp would read them: a NIC parses every envelope twice per hop, and pycapnp
     costs about 1 µs per field. None: not flat, let pycapnp read it."""
-    layout = _flat_struct(envelope)
+    layout = flat.root(envelope)
     if layout is None:
         return None
-    start, data_words, pointers, count, end = layout
+    start, data_words, pointers, count = layout
     if data_words != _ENVELOPE_DATA_WORDS or count < _ENVELOPE_POINTERS:
         return None  # an older or newer writer: pycapnp reads it
-    if count > _ENVELOPE_POINTERS and any(
-            _U64_LE.unpack_from(envelope, pointers + index * 8)[0]
-            for index in range(_ENVELOPE_POINTERS, count)):
+    newer = count - _ENVELOPE_POINTERS
+    if newer and any(flat.pointer_run(newer).unpack_from(
+            envelope, pointers + 8 * _ENVELOPE_POINTERS)):
         return None  # moreAcks (or a newer field): pycapnp reads it
-    created, deadline, kind, schema_id, *words = _ENVELOPE_FLAT.unpack_from(envelope, start)
-    fields: list[bytes] = []
-    position = pointers
-    for word in words:
-        if word == 0:
-            fields.append(b"")
-        else:
-            if word & 3 != 1 or (word >> 32) & 7 != 2:
-                return None
-            offset = (word >> 2) & 0x3FFFFFFF
-            if offset & 0x20000000:
-                offset -= 0x40000000
-            begin = position + 8 + offset * 8
-            size = word >> 35
-            if begin < 8 or begin + size > end:
-                return None
-            fields.append(envelope[begin:begin + size])
-        position += 8
+    fields = flat.blobs_at(envelope, layout, _ENVELOPE_POINTERS)
+    if fields is None:
+        return None
+    created, deadline, kind, schema_id = _ENVELOPE_DATA.unpack_from(envelope, start)
     id_, source, destination, reply_to, ack_hash, ack_token, ephemeral, nonce, sealed = fields
     return (id_, source, destination, created, deadline, kind, reply_to, schema_id,
             ack_hash, ack_token, ephemeral, nonce, sealed, ())
@@ -866,14 +765,11 @@ def _parse(envelope: bytes) -> tuple[Header, bytes, bytes]:
 
 def _flat_body(plaintext: bytes) -> tuple[bytes, bytes] | None:
     """Token and payload of a flat SealedBody (pointers 0 and 1), else None."""
-    layout = _flat_struct(plaintext)
-    if layout is None:
+    layout = flat.root(plaintext)
+    fields = flat.blobs_at(plaintext, layout, 2) if layout is not None else None
+    if fields is None:
         return None
-    _, _, pointers, count, end = layout
-    token = _flat_data(plaintext, pointers, count, 0, end)
-    payload = _flat_data(plaintext, pointers, count, 1, end)
-    if token is None or payload is None:
-        return None
+    token, payload = fields
     return token, payload
 
 
@@ -894,8 +790,8 @@ def _unseal(header: Header, plaintext: bytes) -> Opened:
         if plaintext or header.ack_hash or header.schema_id:
             raise DecodeError("an ack carries no sealed body, ackHash or schema id")
         return Opened(header, b"", b"", None)
-    flat = _flat_body(plaintext)
-    token, payload = flat if flat is not None else schemas.decode(
+    body = _flat_body(plaintext)
+    token, payload = body if body is not None else schemas.decode(
         _rmb.SealedBody, plaintext, _read_body)
     if len(payload) > MAX_PAYLOAD:
         raise DecodeError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")

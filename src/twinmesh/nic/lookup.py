@@ -41,6 +41,7 @@ import trio
 
 from twinmesh.identity.keys import PublicKey
 from twinmesh.nic.health import Metric, dht_metrics
+from twinmesh.nic.internal_errors import DHT_TIMER, TIMER_ERROR_PAUSE
 from twinmesh.nic.twins import FindAnswer, TwinPort
 from twinmesh.proto.attach import Location
 from twinmesh.proto.dht import Dht, DhtConfig, LookupDone, Output, SendDht, Violation
@@ -91,9 +92,13 @@ class TwinLookup:
                 await trio.sleep_forever()
             self._timer_scope = None
             now = trio.current_time()
-            if now >= self._poll_at:
-                self._poll_routes(now)
-            self._handle(core.handle_timer(now))
+            try:
+                if now >= self._poll_at:
+                    self._poll_routes(now)
+                self._handle(core.handle_timer(now))
+            except Exception as exc:  # a bug: skip this step, keep the DHT running
+                self.nic.internal_errors.record(DHT_TIMER, exc)
+                await trio.sleep(TIMER_ERROR_PAUSE)
 
     # ------------------------------------------------------------ port hooks
 

@@ -38,6 +38,7 @@ from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.config import NicConfig
 from twinmesh.nic.dialer import DIAL_TIMEOUT, Dialer
 from twinmesh.nic.health import Metric, overlay_metrics
+from twinmesh.nic.internal_errors import InternalErrors
 from twinmesh.nic.overlay import Overlay, PacketHandler, PingReply
 from twinmesh.nic.session import LinkSession
 from twinmesh.proto.link import DownKind, Link, LinkDown
@@ -97,11 +98,14 @@ class Nic:
         self.ended_traffic = collections.Counter[str]()
         # More /metrics families from parts running beside the NIC (the DHT's lookup shell).
         self.metric_sources: list[Callable[[], list[Metric]]] = []
-        self.overlay = Overlay(identity, self.by_peer, config.router, on_packet)
         self._rng = rng or random.Random()
         self._nursery: trio.Nursery | None = None
         self._started_at = time.monotonic()
         self.log = structlog.get_logger("twinmesh.nic").bind(node=identity.public.short)
+        # Bugs contained at the per-packet, per-frame and per-step boundaries.
+        self.internal_errors = InternalErrors(self.log)
+        self.overlay = Overlay(identity, self.by_peer, config.router, on_packet,
+                               internal_errors=self.internal_errors)
 
     # --------------------------------------------------------------- lifecycle
 
@@ -244,6 +248,7 @@ class Nic:
             uri=uri,
             carrier=carrier,
             send_queue=self.config.send_queue,
+            internal_errors=self.internal_errors,
         )
 
     async def _run_session(self, session: LinkSession) -> None:
@@ -402,6 +407,7 @@ class Nic:
             Metric("twinmesh_uptime_seconds", "gauge", "Seconds since the NIC started.",
                    [({}, self.uptime)]),
             *overlay_metrics(router.stats if router is not None else {}, self.overlay.dropped),
+            *self.internal_errors.metrics(),
             *(metric for source in self.metric_sources for metric in source()),
         ]
 

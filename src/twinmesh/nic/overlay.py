@@ -24,6 +24,7 @@ import trio
 
 from twinmesh.errors import LinkClosedError, LocalProtocolError, NoRouteError
 from twinmesh.identity.keys import Identity, PublicKey
+from twinmesh.nic.internal_errors import OVERLAY_TIMER, TIMER_ERROR_PAUSE, InternalErrors
 from twinmesh.nic.session import LinkSession
 from twinmesh.proto.attach import Location
 from twinmesh.proto.router import (
@@ -56,6 +57,8 @@ class Overlay:
         sessions: Mapping[PublicKey, LinkSession],
         config: RouterConfig | None = None,
         on_packet: PacketHandler | None = None,
+        *,
+        internal_errors: InternalErrors | None = None,
     ) -> None:
         self.identity = identity
         self.sessions = sessions  # the NIC's live links by peer; read only here
@@ -69,6 +72,7 @@ class Overlay:
         self._pings: dict[int, trio.MemorySendChannel[PingReply]] = {}
         self._timer_scope: trio.CancelScope | None = None
         self.log = structlog.get_logger("twinmesh.overlay").bind(node=identity.public.short)
+        self.internal_errors = internal_errors or InternalErrors(self.log)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Create the router and run its timers until cancelled."""
@@ -84,7 +88,11 @@ class Overlay:
             with trio.CancelScope(deadline=self.router.get_timer()) as self._timer_scope:
                 await trio.sleep_forever()
             self._timer_scope = None
-            self._handle(self.router.handle_timer(trio.current_time()))
+            try:
+                self._handle(self.router.handle_timer(trio.current_time()))
+            except Exception as exc:  # a bug: skip this step, keep routing
+                self.internal_errors.record(OVERLAY_TIMER, exc)
+                await trio.sleep(TIMER_ERROR_PAUSE)
 
     # ---------------------------------------------------------- from the NIC
 

@@ -15,6 +15,11 @@ what fits in its kernel buffer; what does not fit waits in `_unsent` for the nex
 locked write). That direct path spares a packet the writer task's wake-up and the
 trips through the run loop: most packets leave from the task that made them.
 Events go to the owner through `LinkObserver`.
+
+A bug raising out of the owner's handler for one event (a packet, the link coming up
+or going down) drops that event and is counted (`InternalErrors`); the link runs on.
+One raising out of the link core itself leaves the core's state unknown: that link
+closes (its dialer links again), the NIC runs on.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import trio
 from twinmesh.carriers.base import nowait_writer
 from twinmesh.errors import LinkClosedError, LocalProtocolError
 from twinmesh.identity.keys import PublicKey
+from twinmesh.nic.internal_errors import LINK_CORE, LINK_EVENT, LINK_PACKET, InternalErrors
 from twinmesh.proto.link import DataReceived, DownKind, Event, Link, LinkDown, LinkUp, State
 
 _ids = itertools.count(1)
@@ -65,6 +71,7 @@ class LinkSession:
         uri: str,
         carrier: str,
         send_queue: int = 256,
+        internal_errors: InternalErrors | None = None,
     ) -> None:
         self.id = next(_ids)
         self.core = core
@@ -92,6 +99,7 @@ class LinkSession:
         self.log = structlog.get_logger("twinmesh.link").bind(
             link=self.id, direction=direction, uri=uri
         )
+        self.internal_errors = internal_errors or InternalErrors(self.log)
 
     # ---------------------------------------------------------------- owner API
 
@@ -218,7 +226,12 @@ class LinkSession:
             if not data:
                 self._carrier_failed(None)
                 return
-            self._dispatch(self.core.receive_data(bytes(data), trio.current_time()))
+            try:
+                events = self.core.receive_data(bytes(data), trio.current_time())
+            except Exception as exc:
+                self._core_failed(exc)
+                return
+            self._dispatch(events)
             await self._flush()
 
     async def _writer(self) -> None:
@@ -254,7 +267,12 @@ class LinkSession:
                 await trio.sleep_forever()
             self._timer_scope = None
             if self.down is None:
-                self._dispatch(self.core.handle_timer(trio.current_time()))
+                try:
+                    events = self.core.handle_timer(trio.current_time())
+                except Exception as exc:
+                    self._core_failed(exc)
+                    return
+                self._dispatch(events)
                 await self._flush()
 
     async def _flush(self) -> None:
@@ -316,16 +334,28 @@ class LinkSession:
     def _dispatch(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, DataReceived):
-                self._observer.link_data(self, event.data)
+                try:
+                    self._observer.link_data(self, event.data)
+                except Exception as exc:  # a bug: drop this packet, keep the link
+                    self.internal_errors.record(LINK_PACKET, exc)
             elif isinstance(event, LinkUp):
                 self.up_since = time.time()
                 self.log = self.log.bind(peer=event.peer.short)
                 handshake_ms = round(event.handshake_time * 1e3, 3)
                 self.log.info("link up", peer=event.peer.text, handshake_ms=handshake_ms)
-                self._observer.link_up(self)
+                try:
+                    self._observer.link_up(self)
+                except Exception as exc:
+                    self.internal_errors.record(LINK_EVENT, exc)
             elif isinstance(event, LinkDown):
                 self._mark_down(event)
         self._rearm_timer()
+
+    def _core_failed(self, exc: Exception) -> None:
+        """The link core raised (a bug): its state is unknown, so this link ends."""
+        self.internal_errors.record(LINK_CORE, exc)
+        self._mark_down(LinkDown(DownKind.CLOSED_LOCALLY,
+                                 f"internal error: {type(exc).__name__}: {exc}"))
 
     def _carrier_failed(self, exc: BaseException | None) -> None:
         if self.down is not None:
@@ -341,12 +371,18 @@ class LinkSession:
             return
         self.down = down
         if self.core.state is not State.CLOSED:
-            self.core.close(down.reason, trio.current_time())
+            try:
+                self.core.close(down.reason, trio.current_time())
+            except Exception as exc:  # a broken core: the link ends all the same
+                self.internal_errors.record(LINK_CORE, exc)
         level = "warning" if down.kind is DownKind.PROTOCOL_ERROR else "info"
         getattr(self.log, level)("link down", kind=down.kind.value, reason=down.reason)
         self._queue_in.close()
         self._down_event.set()
-        self._observer.link_down(self, down)
+        try:
+            self._observer.link_down(self, down)
+        except Exception as exc:
+            self.internal_errors.record(LINK_EVENT, exc)
 
     def _rearm_timer(self) -> None:
         # Only ever earlier: on a busy link every frame pushes the keepalive out, and

@@ -64,6 +64,31 @@ def blob_at(data: bytes, position: int) -> bytes | None:
     """The Data behind the pointer at byte `position`: b"" when null; None when it is
     not a byte list in bounds."""
     (word,) = U64.unpack_from(data, position)
+    return _blob(data, position, word)
+
+
+def blobs_at(data: bytes, layout: Layout, count: int) -> list[bytes] | None:
+    """The Data fields behind the struct's first `count` pointers, b"" for a null one
+    or one past its pointer section (an older writer's struct); None when one is not a
+    byte list in bounds."""
+    _, _, pointers, have = layout
+    present = min(count, have)
+    blobs: list[bytes] = []
+    if present:
+        position = pointers
+        for word in pointer_run(present).unpack_from(data, pointers):
+            blob = _blob(data, position, word)
+            if blob is None:
+                return None
+            blobs.append(blob)
+            position += 8
+    if present < count:
+        blobs += [b""] * (count - present)
+    return blobs
+
+
+def _blob(data: bytes, position: int, word: int) -> bytes | None:
+    """The Data behind pointer `word`, which sits at byte `position`."""
     if word == 0:
         return b""
     if word & 3 != 1 or (word >> 32) & 7 != _BYTE_LIST:
@@ -128,7 +153,7 @@ def message(data_section: bytes, blobs: tuple[bytes, ...] | list[bytes]) -> byte
     return b"".join((
         _SEGMENT_TABLE.pack(0, 1 + words + count + sum(len(b) for b in body) // 8),
         U64.pack(struct_pointer(0, words, count)), data_section,
-        struct.pack(f"<{count}Q", *pointers), *body,
+        pointer_run(count).pack(*pointers), *body,
     ))
 
 
@@ -142,25 +167,22 @@ def blob_list_message(data_section: bytes, items: list[bytes]) -> bytes:
     return b"".join((
         _SEGMENT_TABLE.pack(0, size), U64.pack(struct_pointer(0, words, 1)), data_section,
         U64.pack(1 | (_POINTER_LIST << 32) | (count << 35)),
-        struct.pack(f"<{count}Q", *pointers), *body,
+        pointer_run(count).pack(*pointers), *body,
     ))
+
+
+_POINTER_RUNS = [struct.Struct(f"<{count}Q") for count in range(16)]
+
+
+def pointer_run(count: int) -> struct.Struct:
+    """The layout of `count` consecutive pointer words."""
+    if count < len(_POINTER_RUNS):
+        return _POINTER_RUNS[count]
+    return struct.Struct(f"<{count}Q")
 
 
 def struct_pointer(offset: int, data_words: int, pointers: int) -> int:
     return ((offset & 0x3FFFFFFF) << 2) | (data_words << 32) | (pointers << 48)
-
-
-def blob_pointer(offset: int, size: int) -> int:
-    """A byte-list pointer (0 for an empty blob, as pycapnp writes it)."""
-    if not size:
-        return 0
-    return 1 | ((offset & 0x3FFFFFFF) << 2) | (_BYTE_LIST << 32) | (size << 35)
-
-
-def padded(blob: bytes) -> list[bytes]:
-    """`blob` and the zeros that pad it to a whole word."""
-    pad = -len(blob) & 7
-    return [blob, _ZEROS[:pad]] if pad else [blob]
 
 
 def lay_out(blobs: tuple[bytes, ...] | list[bytes]) -> tuple[list[bytes], list[int]]:
@@ -173,8 +195,13 @@ def lay_out(blobs: tuple[bytes, ...] | list[bytes]) -> tuple[list[bytes], list[i
     for blob in blobs:
         remaining -= 1
         size = len(blob)
-        pointers.append(blob_pointer(remaining + position, size))
-        if size:
-            body += padded(blob)
-            position += (size + 7) >> 3
+        if not size:
+            pointers.append(0)
+            continue
+        pointers.append(1 | ((remaining + position) << 2) | (_BYTE_LIST << 32) | (size << 35))
+        body.append(blob)
+        pad = -size & 7
+        if pad:
+            body.append(_ZEROS[:pad])
+        position += (size + 7) >> 3
     return body, pointers
