@@ -112,11 +112,23 @@ async def test_messages_wait_for_an_offline_twin(tmp_path: Path) -> None:
             message_id = await a_bus.send(bob.public, text_message("are you there?"))
             await trio.sleep(0.5)
             assert (await a_bus.status(message_id))[0] == "sent"
+            # More for the away twin: they wait behind the first one's retries (its
+            # probe) instead of each being resent while he is away.
+            more = [await a_bus.send(bob.public, text_message(f"and {i}")) for i in range(3)]
+            await trio.sleep(0.5)
+            away = samples(render_prometheus(n["a"].nic.metrics()))
+            assert away["twinmesh_outbox_away_destinations"] == 1
+            assert away["twinmesh_outbox_parked"] == 3
             async with BusClient.connect(bob, tmp_path / "b") as b_bus:
-                received = await b_bus.receive()
-                assert received.id == message_id
-            status, _ = await a_bus.wait_status(message_id, timeout=10)
-            assert status == "delivered"
+                received = [await b_bus.receive() for _ in range(4)]
+                assert {m.id for m in received} == {message_id, *more}
+            for sent in (message_id, *more):
+                status, _ = await a_bus.wait_status(sent, timeout=10)
+                assert status == "delivered"
+            back = samples(render_prometheus(n["a"].nic.metrics()))
+            assert back["twinmesh_outbox_away_destinations"] == 0
+            assert back["twinmesh_outbox_parked"] == 0
+            assert back["twinmesh_outbox_parked_total"] == 3
 
 
 async def test_an_unknown_twin_expires_with_a_clear_status(tmp_path: Path) -> None:
@@ -296,3 +308,57 @@ async def test_a_twin_slow_to_read_gets_all_its_frames_in_order(
                 str(i) for i in range(60)]
             for message_id in ids:
                 assert await a_bus.wait_status(message_id, timeout=10) == ("delivered", "")
+
+
+async def test_a_bug_handling_one_twin_frame_drops_only_that_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    boom = b"\xee" * 16
+    with trio.fail_after(20):
+        async with (
+            bus_line(tmp_path, ["a", "b"]) as n,
+            BusClient.connect(alice, tmp_path / "a") as a_bus,
+            BusClient.connect(bob, tmp_path / "b") as b_bus,
+            trio.open_nursery() as nursery,
+        ):
+            await n["a"].wait_located(bob.public)
+            port = n["a"].port
+            status = port.outbox.status
+
+            def failing(message_id: bytes) -> Any:
+                if message_id == boom:
+                    raise KeyError("a bug in a frame handler")
+                return status(message_id)
+
+            monkeypatch.setattr(port.outbox, "status", failing)
+            # Unanswered: the twin's request would time out; the session goes on.
+            nursery.start_soon(a_bus.status, boom)
+            await wait_for(lambda: port.internal_errors.counts["twin_frame"] == 1, step=0.01)
+            message_id = await a_bus.send(bob.public, text_message("after"),
+                                          wait="delivered", timeout=10)
+            assert (await b_bus.receive()).id == message_id
+            assert await a_bus.status(message_id) == ("delivered", "")
+            metrics = samples(render_prometheus(n["a"].nic.metrics()))
+            assert metrics['twinmesh_internal_errors_total{where="twin_frame"}'] == 1
+            assert metrics['twinmesh_internal_errors_total{where="link_packet"}'] == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_final_status_reaches_a_twin_whose_mailbox_is_full(tmp_path: Path) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    with trio.fail_after(30):
+        async with (
+            bus_line(tmp_path, ["a", "b"]) as n,
+            BusClient.connect(alice, tmp_path / "a") as a_bus,
+            BusClient.connect(bob, tmp_path / "b") as b_bus,
+        ):
+            await n["a"].wait_located(bob.public)
+            [session] = n["a"].port.sessions[alice.public]
+            # Alice's mailbox at her NIC takes nothing more that may be dropped (as when
+            # she reads slower than her updates come): results and final statuses only.
+            session.outgoing.limit = 0
+            message_id = await a_bus.send(bob.public, text_message("still told"))
+            assert (await b_bus.receive()).id == message_id
+            assert await a_bus.wait_status(message_id, timeout=10) == ("delivered", "")
+            assert n["a"].port.counters["session_overflow"] == 0

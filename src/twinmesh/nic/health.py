@@ -39,6 +39,7 @@ from twinmesh.log import get_logger
 
 if TYPE_CHECKING:
     from twinmesh.proto.dht import Dht
+    from twinmesh.proto.outbox import Outbox
 
 log = get_logger(component="health")
 
@@ -250,9 +251,11 @@ _OUTBOX_COUNTERS = (
 OUTBOX_FINAL = ("delivered", "expired", "failed")
 
 
-def outbox_metrics(counters: Mapping[str, int], pending: int) -> list[Metric]:
+def outbox_metrics(counters: Mapping[str, int], outbox: Outbox) -> list[Metric]:
     """The outbox's families: counters kept by the twin port (`TwinPort.counters`,
-    `outbox_<what>` keys) and the messages it holds now."""
+    `outbox_<what>` keys), the core's own (retry budget, away twins) and what it
+    holds now."""
+    pending = len(outbox)
     families = [Metric(name, "counter", help_text, [({}, float(counters.get(key, 0)))])
                 for name, help_text, key in _OUTBOX_COUNTERS]
     families.append(Metric(
@@ -263,6 +266,30 @@ def outbox_metrics(counters: Mapping[str, int], pending: int) -> list[Metric]:
     families.append(Metric("twinmesh_outbox_pending", "gauge",
                            "Messages in the outbox waiting for their ack.",
                            [({}, float(pending))]))
+    core: tuple[tuple[str, Literal["counter", "gauge"], str, float], ...] = (
+        ("twinmesh_outbox_retries_held_total", "counter",
+         "Retries postponed because the retry budget was spent (overload).",
+         outbox.held_retries),
+        ("twinmesh_outbox_parked_total", "counter",
+         "Messages parked behind the probe of a twin that answered offline.",
+         outbox.parked_total),
+        ("twinmesh_outbox_rto_backoffs_total", "counter",
+         "Doublings of the retransmission timeout (retries firing without answers).",
+         outbox.rto_backoffs),
+        ("twinmesh_outbox_held", "gauge", "Retries due now, waiting for the retry budget.",
+         outbox.held),
+        ("twinmesh_outbox_parked", "gauge", "Messages waiting for an away twin's probe.",
+         outbox.parked),
+        ("twinmesh_outbox_away_destinations", "gauge",
+         "Destination twins that answered offline and have not acked since.", outbox.away),
+        ("twinmesh_outbox_retry_tokens", "gauge", "Retries the retry budget allows now.",
+         outbox.retry_tokens),
+        ("twinmesh_outbox_retry_timeout_seconds", "gauge",
+         "The wait before a first retry (srtt + 4 rttvar, backed off).",
+         outbox.retry_timeout()),
+    )
+    for name, kind, help_text, value in core:
+        families.append(Metric(name, kind, help_text, [({}, float(value))]))
     return families
 
 

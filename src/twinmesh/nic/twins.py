@@ -53,6 +53,15 @@ from twinmesh.errors import (
 )
 from twinmesh.identity.keys import PublicKey
 from twinmesh.nic.health import Metric, outbox_metrics
+from twinmesh.nic.internal_errors import (
+    OUTBOX_COMMIT,
+    OUTBOX_TIMER,
+    TIMER_ERROR_PAUSE,
+    TRANSMIT,
+    TWIN_FRAME,
+    TWIN_PUMP,
+    InternalErrors,
+)
 from twinmesh.nic.outbox_store import OutboxStore
 from twinmesh.proto.attach import NONCE_SIZE, Location, verify_attach
 from twinmesh.proto.outbox import (
@@ -256,11 +265,12 @@ class TwinPort:
         self._timer_scope: trio.CancelScope | None = None
         self._session_ids = itertools.count(1)
         self.log = structlog.get_logger("twinmesh.twins").bind(node=nic.key.short)
+        self.internal_errors: InternalErrors = nic.internal_errors
         nic.metric_sources.append(self.metrics)
 
     def metrics(self) -> list[Metric]:
         """The outbox's families for the NIC's `/metrics`."""
-        return outbox_metrics(self.counters, len(self.outbox))
+        return outbox_metrics(self.counters, self.outbox)
 
     # ---------------------------------------------------------------- running
 
@@ -297,8 +307,12 @@ class TwinPort:
             with trio.move_on_after(wait) as self._timer_scope:
                 await trio.sleep_forever()
             self._timer_scope = None
-            with self._step():
-                self._apply(self.outbox.handle_timer(_unix_now()))
+            try:
+                with self._step():
+                    self._apply(self.outbox.handle_timer(_unix_now()))
+            except Exception as exc:  # a bug: skip this step, keep the outbox running
+                self.internal_errors.record(OUTBOX_TIMER, exc)
+                await trio.sleep(TIMER_ERROR_PAUSE)
 
     def _rearm(self) -> None:
         scope = self._timer_scope
@@ -330,8 +344,11 @@ class TwinPort:
                     self._committing = False
             else:  # acks and retries: no fsync, cheaper inline than a thread hop
                 self._commit_now(batch)
-            with self._step():
-                self._committed(waiting, error)
+            try:
+                with self._step():
+                    self._committed(waiting, error)
+            except Exception as exc:  # a bug: these twins' requests time out, no more
+                self.internal_errors.record(OUTBOX_COMMIT, exc)
 
     def _commit_now(self, batch: list[Persist | Forget]) -> None:
         """Commit acks and retries (no new submission) on the loop: no fsync."""
@@ -424,11 +441,14 @@ class TwinPort:
                     items.append(self._transmit_out.receive_nowait())
                 except trio.WouldBlock:
                     break
-            for nic_key, packet in _packed(items):
-                try:
-                    await self.nic.send(nic_key, packet)
-                except NoRouteError:
-                    self.counters["transmit_no_route"] += 1
+            try:
+                for nic_key, packet in _packed(items):
+                    try:
+                        await self.nic.send(nic_key, packet)
+                    except NoRouteError:
+                        self.counters["transmit_no_route"] += 1
+            except Exception as exc:  # a bug: these packets are lost, the outbox retries
+                self.internal_errors.record(TRANSMIT, exc)
 
     # --------------------------------------------------------- outbox outputs
 
@@ -487,8 +507,11 @@ class TwinPort:
         return True
 
     def _status_update(self, change: StatusChanged, *, but: TwinSession | None = None) -> None:
+        # A final status is never dropped for a full mailbox: the twin would wait for
+        # it until its own timeout. They are bounded by the messages the twin may have
+        # in the outbox (`max_per_source`), each ending once; "sent" may be dropped.
         self._to_twin(change.source, "status", (change.id, change.status.value, change.code),
-                      receivers_only=False, but=but)
+                      receivers_only=False, but=but, force=change.status in FINAL)
 
     # ------------------------------------------------------- from the overlay
 
@@ -563,7 +586,7 @@ class TwinPort:
         return [s for s in self.sessions.get(twin, ()) if s.receive]
 
     def _to_twin(self, twin: PublicKey, kind: str, value: Any, *, receivers_only: bool,
-                 but: TwinSession | None = None) -> None:
+                 but: TwinSession | None = None, force: bool = False) -> None:
         sessions = self._receivers(twin) if receivers_only else self.sessions.get(twin, [])
         # Deliveries go to the newest receiving session only (exactly one consumer);
         # status updates go to every session of the twin.
@@ -571,7 +594,7 @@ class TwinPort:
             if session is but:
                 continue
             try:
-                self._put(session, kind, value)
+                self._put(session, kind, value, force=force)
             except trio.WouldBlock:
                 # A twin that does not read: the sender's outbox retries the message.
                 self.counters["session_overflow"] += 1
@@ -612,7 +635,7 @@ class TwinPort:
         await framed.send(attached.to_bytes())
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump, session, framed)
+                nursery.start_soon(_pump, session, framed, self.internal_errors)
                 await self._serve_session(session, framed, log, nursery)
                 nursery.cancel_scope.cancel()
         finally:
@@ -634,41 +657,56 @@ class TwinPort:
             if body is None:
                 return
             try:
-                request_id, which, value = schemas.decode(
-                    _local.LocalMessage, body, _read_request)
-            except DecodeError as exc:
-                await self._result(session, 0, ok=False, code="malformed", message=str(exc))
-                continue
-            if which == "submit":
-                await self._submit(session, request_id, *value)
-            elif which == "submits":
-                for item_id, *fields in value:
-                    await self._submit(session, item_id, *fields)
-            elif which == "status":
-                state = self.outbox.status(value)
-                status = state[0].value if state else "unknown"
-                await self._result(session, request_id, ok=True, status=status,
-                                   code=state[1] if state else "")
-            elif which == "publish":
-                location = value
-                if location.twin != session.twin or location.nic != self.nic.key:
-                    await self._result(session, request_id, ok=False, code="unauthorized",
-                                       message="a twin may only publish its own location "
-                                               "at this NIC")
-                elif not self.publish(location):
-                    await self._result(session, request_id, ok=False, code="unauthorized",
-                                       message="location record refused (signature, "
-                                               "seqno or expiry)")
-                else:
-                    await self._result(session, request_id, ok=True)
-            elif which == "find":
-                # A lookup takes network round trips: answered from its own task.
-                nursery.start_soon(self._find, session, request_id, value)
+                await self._handle_frame(session, body, nursery)
+            except Exception as exc:  # a bug: drop this frame, keep the session
+                self.internal_errors.record(TWIN_FRAME, exc)
+
+    async def _handle_frame(self, session: TwinSession, body: bytes,
+                            nursery: trio.Nursery) -> None:
+        """One frame a twin sent: decode it and do what it asks."""
+        try:
+            request_id, which, value = schemas.decode(
+                _local.LocalMessage, body, _read_request)
+        except DecodeError as exc:
+            await self._result(session, 0, ok=False, code="malformed", message=str(exc))
+            return
+        if which == "submit":
+            await self._submit(session, request_id, *value)
+        elif which == "submits":
+            for item_id, *fields in value:
+                await self._submit(session, item_id, *fields)
+        elif which == "status":
+            state = self.outbox.status(value)
+            status = state[0].value if state else "unknown"
+            await self._result(session, request_id, ok=True, status=status,
+                               code=state[1] if state else "")
+        elif which == "publish":
+            location = value
+            if location.twin != session.twin or location.nic != self.nic.key:
+                await self._result(session, request_id, ok=False, code="unauthorized",
+                                   message="a twin may only publish its own location "
+                                           "at this NIC")
+            elif not self.publish(location):
+                await self._result(session, request_id, ok=False, code="unauthorized",
+                                   message="location record refused (signature, "
+                                           "seqno or expiry)")
             else:
-                await self._result(session, request_id, ok=False, code="malformed",
-                                   message=f"{which} is not a request a twin may send")
+                await self._result(session, request_id, ok=True)
+        elif which == "find":
+            # A lookup takes network round trips: answered from its own task.
+            nursery.start_soon(self._find, session, request_id, value)
+        else:
+            await self._result(session, request_id, ok=False, code="malformed",
+                               message=f"{which} is not a request a twin may send")
 
     async def _find(self, session: TwinSession, request_id: int, twin: PublicKey) -> None:
+        try:
+            await self._answer_find(session, request_id, twin)
+        except Exception as exc:  # a bug: this find goes unanswered, the session runs on
+            self.internal_errors.record(TWIN_FRAME, exc)
+
+    async def _answer_find(self, session: TwinSession, request_id: int,
+                           twin: PublicKey) -> None:
         if self.find is None:
             await self._result(session, request_id, ok=False, code="unknownTwin",
                                message="this NIC has no lookup service")
@@ -783,7 +821,7 @@ class TwinPort:
             mailbox.put(kind, value, force=force)
 
 
-async def _pump(session: TwinSession, framed: FramedStream) -> None:
+async def _pump(session: TwinSession, framed: FramedStream, errors: InternalErrors) -> None:
     """Writes what waits in the session's mailbox: everything queued goes out in one
     write (one system call and one wake-up of the twin for a burst of results, status
     updates and deliveries), as one list frame per run of one kind to a twin that reads
@@ -800,7 +838,11 @@ async def _pump(session: TwinSession, framed: FramedStream) -> None:
             await mailbox.wait_items()
             data, mailbox.unsent = mailbox.unsent, b""
             if mailbox.items:
-                data += b"".join(_frames(mailbox.items, session.batches, framed.max_frame))
+                try:
+                    data += b"".join(_frames(mailbox.items, session.batches,
+                                             framed.max_frame))
+                except Exception as exc:  # a bug: the items taken are lost, the rest go
+                    errors.record(TWIN_PUMP, exc)
                 mailbox.took()
             await framed.stream.send_all(data)
 
