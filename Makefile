@@ -51,7 +51,7 @@ bench-quick: $(STAMP)
 # scale markers.
 scale: $(STAMP)
 	$(BIN)/python -m bench.scale --twins 1000 --nics 20 --hosts 4 --rate 0.1 --duration 30 \
-		--push 0.2,0.3,0.5,1 --out docs/BENCHMARKS.md
+		--push 0.2,0.3,0.4,0.5,1 --out docs/BENCHMARKS.md
 
 scale-quick: $(STAMP)
 	$(BIN)/python -m bench.scale --twins 200 --nics 10 --hosts 2 --rate 1 --duration 10
