@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,23 @@ from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.health import render_prometheus
 from twinmesh.proto.attach import sign_attach
 from twinmesh.proto.outbox import OutboxConfig, Status
-from twinmesh.testing.bus import bus_line
+from twinmesh.testing.bus import BusNic, bus_line
 from twinmesh.testing.nics import wait_for
 from twinmesh.wire import schemas
+
+
+@asynccontextmanager
+async def alice_and_bob(
+    tmp_path: Path, alice: Identity, bob: Identity, **line: Any,
+) -> AsyncIterator[tuple[dict[str, BusNic], BusClient, BusClient]]:
+    """NICs a and b linked, Alice attached to a and Bob to b, Bob located from a."""
+    async with (
+        bus_line(tmp_path, ["a", "b"], **line) as n,
+        BusClient.connect(alice, tmp_path / "a") as a_bus,
+        BusClient.connect(bob, tmp_path / "b") as b_bus,
+    ):
+        await n["a"].wait_located(bob.public)
+        yield n, a_bus, b_bus
 
 
 async def test_a_message_crosses_two_hops_exactly_once_and_is_acked(tmp_path: Path) -> None:
@@ -210,12 +226,9 @@ async def test_acks_arriving_during_a_durable_commit_are_committed(
     alice, bob = Identity.generate(), Identity.generate()
     with trio.fail_after(30):
         async with (
-            bus_line(tmp_path, ["a", "b"]) as n,
-            BusClient.connect(alice, tmp_path / "a") as a_bus,
-            BusClient.connect(bob, tmp_path / "b") as b_bus,
+            alice_and_bob(tmp_path, alice, bob) as (n, a_bus, b_bus),
             trio.open_nursery() as nursery,
         ):
-            await n["a"].wait_located(bob.public)
             port = n["a"].port
             held: list[tuple[PublicKey, bytes]] = []
 
@@ -281,11 +294,8 @@ async def test_a_twin_slow_to_read_gets_all_its_frames_in_order(
     outbox = OutboxConfig(initial_retry=30.0, max_retry=60.0)
     with trio.fail_after(60):
         async with (
-            bus_line(tmp_path, ["a", "b"], outbox=outbox) as n,
-            BusClient.connect(alice, tmp_path / "a") as a_bus,
-            BusClient.connect(bob, tmp_path / "b") as b_bus,
+            alice_and_bob(tmp_path, alice, bob, outbox=outbox) as (n, a_bus, b_bus),
         ):
-            await n["a"].wait_located(bob.public)
             # Bob's client stops reading its socket at the first delivery until told.
             reading = trio.Event()
             delivered = b_bus._delivered
@@ -317,12 +327,9 @@ async def test_a_bug_handling_one_twin_frame_drops_only_that_frame(
     boom = b"\xee" * 16
     with trio.fail_after(20):
         async with (
-            bus_line(tmp_path, ["a", "b"]) as n,
-            BusClient.connect(alice, tmp_path / "a") as a_bus,
-            BusClient.connect(bob, tmp_path / "b") as b_bus,
+            alice_and_bob(tmp_path, alice, bob) as (n, a_bus, b_bus),
             trio.open_nursery() as nursery,
         ):
-            await n["a"].wait_located(bob.public)
             port = n["a"].port
             status = port.outbox.status
 
@@ -349,11 +356,8 @@ async def test_a_final_status_reaches_a_twin_whose_mailbox_is_full(tmp_path: Pat
     alice, bob = Identity.generate(), Identity.generate()
     with trio.fail_after(30):
         async with (
-            bus_line(tmp_path, ["a", "b"]) as n,
-            BusClient.connect(alice, tmp_path / "a") as a_bus,
-            BusClient.connect(bob, tmp_path / "b") as b_bus,
+            alice_and_bob(tmp_path, alice, bob) as (n, a_bus, b_bus),
         ):
-            await n["a"].wait_located(bob.public)
             [session] = n["a"].port.sessions[alice.public]
             # Alice's mailbox at her NIC takes nothing more that may be dropped (as when
             # she reads slower than her updates come): results and final statuses only.
