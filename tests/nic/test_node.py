@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -14,6 +16,16 @@ from twinmesh.errors import NoRouteError
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.testing.memnet import MemoryNetwork
 from twinmesh.testing.nics import LINK, MeshNode, nic_mesh, wait_for
+
+
+@asynccontextmanager
+async def linked_pair(net: MemoryNetwork) -> AsyncIterator[tuple[MeshNode, MeshNode]]:
+    """NICs a and b, b dialling a, with the link up at both ends."""
+    async with nic_mesh(net, ["a", "b"]) as n:
+        a, b = n["a"], n["b"]
+        b.nic.add_peer(a.pinned)
+        await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+        yield a, b
 
 
 async def test_two_nics_link_and_exchange_data(autojump_clock: trio.testing.MockClock) -> None:
@@ -39,10 +51,7 @@ async def test_silent_link_is_declared_down_then_recovers(
 ) -> None:
     net = MemoryNetwork()
     with trio.fail_after(60):
-        async with nic_mesh(net, ["a", "b"]) as n:
-            a, b = n["a"], n["b"]
-            b.nic.add_peer(a.pinned)
-            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+        async with linked_pair(net) as (a, b):
             net.partition("a", "b")
             cut = trio.current_time()
             await wait_for(lambda: not a.up_peers() and not b.up_peers())
@@ -62,10 +71,7 @@ async def test_silent_link_is_declared_down_then_recovers(
 async def test_broken_connection_reconnects(autojump_clock: trio.testing.MockClock) -> None:
     net = MemoryNetwork()
     with trio.fail_after(60):
-        async with nic_mesh(net, ["a", "b"]) as n:
-            a, b = n["a"], n["b"]
-            b.nic.add_peer(a.pinned)
-            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+        async with linked_pair(net) as (a, b):
             first = b.nic.by_peer[a.nic.key]
             assert net.break_links("a", "b") == 1
             await wait_for(lambda: first.down is not None)
@@ -189,10 +195,7 @@ async def test_send_nowait_delivers_or_says_no_route(
 ) -> None:
     net = MemoryNetwork()
     with trio.fail_after(30):
-        async with nic_mesh(net, ["a", "b"]) as n:
-            a, b = n["a"], n["b"]
-            b.nic.add_peer(a.pinned)
-            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+        async with linked_pair(net) as (a, b):
             with pytest.raises(NoRouteError):
                 b.nic.send_nowait(Identity.generate().public, b"nowhere")
             assert b.nic.send_nowait(a.nic.key, b"at once")
@@ -239,10 +242,7 @@ async def test_a_bug_in_a_routing_timer_step_is_contained(
 ) -> None:
     net = MemoryNetwork()
     with trio.fail_after(30):
-        async with nic_mesh(net, ["a", "b"]) as n:
-            a, b = n["a"], n["b"]
-            b.nic.add_peer(a.pinned)
-            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+        async with linked_pair(net) as (a, b):
             router = b.nic.overlay.router
             assert router is not None
             handle_timer = router.handle_timer
@@ -265,10 +265,7 @@ async def test_a_bug_in_a_link_core_ends_only_that_link(
 ) -> None:
     net = MemoryNetwork()
     with trio.fail_after(30):
-        async with nic_mesh(net, ["a", "b"]) as n:
-            a, b = n["a"], n["b"]
-            b.nic.add_peer(a.pinned)
-            await wait_for(lambda: bool(a.up_peers() and b.up_peers()))
+        async with linked_pair(net) as (a, b):
             first = b.nic.by_peer[a.nic.key]
 
             def broken(data: bytes, now: float) -> Any:
