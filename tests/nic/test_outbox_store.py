@@ -147,9 +147,11 @@ def test_file_is_private_wal_and_submissions_are_power_safe(path: Path) -> None:
         statements: list[str] = []
         conn.set_trace_callback(statements.append)
         store.apply([Persist(entry(1))])
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal"):
             mode = stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode)
             assert mode == 0o600, (suffix, oct(mode))
+        # The log's index is in this process's memory, not in a -shm file others map.
+        assert not os.path.exists(f"{path}-shm")
         # By default a batch commits with synchronous=FULL (an fsync) ...
         assert statements.index("PRAGMA synchronous = FULL") < statements.index(
             "COMMIT") < statements.index("PRAGMA synchronous = NORMAL")

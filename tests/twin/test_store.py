@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from twinmesh.errors import StorageError
@@ -27,6 +29,19 @@ def test_sent_messages_and_their_envelopes_survive_a_reopen(tmp_path):
         assert store.waiting_count() == 1
         assert [c.text for c in store.chat()] == ["m1", "m2"]
     assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_the_chat_history_can_be_read_while_the_store_is_open(tmp_path):
+    """Shared, unlike the inbox: the scale bench (and a curious user) read it live."""
+    path = tmp_path / "twin.sqlite3"
+    with TwinStore(path) as store:
+        store.add_chat(_chat(1))
+        reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0)
+        try:
+            assert reader.execute("SELECT text FROM chat").fetchall() == [("m1",)]
+        finally:
+            reader.close()
+        assert store.add_chat(_chat(2))  # the reader did not get in the way
 
 
 def test_the_same_message_is_recorded_once(tmp_path):

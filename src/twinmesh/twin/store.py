@@ -109,7 +109,10 @@ class TwinStore(SqliteStore):
 
     def __init__(self, path: Path, *, max_waiting: int = DEFAULT_MAX_WAITING,
                  max_history: int = DEFAULT_MAX_HISTORY) -> None:
-        super().__init__(path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA))
+        # Shared, not exclusive (twinmesh.storage): the chat history is read while
+        # twind runs (bench.scale counts deliveries in it, a user may query it).
+        super().__init__(path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA,
+                                             exclusive=False))
         self.max_waiting = max_waiting
         self.max_history = max_history
         self._trim_every = max(1, max_history // TRIMS_PER_HISTORY)
