@@ -1,5 +1,5 @@
 """GroupSync: many stores' fsyncs in few rounds; a failing file is named, the others
-in its round still return."""
+in its round still return; rounds run on the loop while the disk is quick."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import trio
 from twinmesh.errors import StorageError
 from twinmesh.group_sync import GroupSync
 
+# Every round inline (no disk is that slow), or every round in a thread.
+PLACEMENTS = pytest.mark.parametrize("inline_bound", [float("inf"), None],
+                                     ids=["inline", "thread"])
+
 
 def _wal_database(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
@@ -21,13 +25,15 @@ def _wal_database(path: Path) -> sqlite3.Connection:
     return conn
 
 
-async def test_concurrent_callers_share_rounds(tmp_path: Path) -> None:
+@PLACEMENTS
+async def test_concurrent_callers_share_rounds(tmp_path: Path, inline_bound: float | None
+                                               ) -> None:
     paths = [tmp_path / f"store-{i}.sqlite3" for i in range(20)]
     conns = [_wal_database(p) for p in paths]
     try:
         for conn in conns:
             conn.execute("INSERT INTO t VALUES (1)")
-        group = GroupSync()
+        group = GroupSync(inline_bound=inline_bound)
         returned: list[Path] = []
 
         async def one(path: Path) -> None:
@@ -39,20 +45,22 @@ async def test_concurrent_callers_share_rounds(tmp_path: Path) -> None:
                 nursery.start_soon(one, path)
         assert sorted(returned) == sorted(paths)
         # Callers that ask while a round is being set up or runs share one: 20
-        # callers, at most 2 thread hops (the first may run alone).
+        # callers, at most 2 rounds (the first may run alone).
         assert group.files == 20
         assert group.rounds <= 2
+        assert group.inline_rounds == (group.rounds if inline_bound else 0)
     finally:
         for conn in conns:
             conn.close()
 
 
+@PLACEMENTS
 async def test_a_file_that_cannot_be_synced_is_named_and_the_others_return(
-        tmp_path: Path) -> None:
+        tmp_path: Path, inline_bound: float | None) -> None:
     good = tmp_path / "good.sqlite3"
     conn = _wal_database(good)
     missing = tmp_path / "gone" / "inbox.sqlite3"  # no log file: open fails
-    group = GroupSync()
+    group = GroupSync(inline_bound=inline_bound)
     outcomes: dict[str, str] = {}
 
     async def one(name: str, path: Path) -> None:
@@ -74,10 +82,12 @@ async def test_a_file_that_cannot_be_synced_is_named_and_the_others_return(
     assert "\n" not in outcomes["missing"]
 
 
-async def test_later_callers_are_not_answered_by_an_earlier_round(tmp_path: Path) -> None:
+@PLACEMENTS
+async def test_later_callers_are_not_answered_by_an_earlier_round(
+        tmp_path: Path, inline_bound: float | None) -> None:
     path = tmp_path / "store.sqlite3"
     conn = _wal_database(path)
-    group = GroupSync()
+    group = GroupSync(inline_bound=inline_bound)
     try:
         await group.sync(path)
         (path.parent / "store.sqlite3-wal").rename(tmp_path / "moved")
@@ -93,7 +103,7 @@ async def test_rounds_go_to_the_worker_thread_while_it_runs(tmp_path: Path) -> N
     paths = [tmp_path / f"store-{i}.sqlite3" for i in range(20)]
     conns = [_wal_database(p) for p in paths]
     missing = tmp_path / "gone" / "inbox.sqlite3"
-    group = GroupSync()
+    group = GroupSync(inline_bound=None)  # every round in a thread
     returned: list[Path] = []
     refused: list[str] = []
 
@@ -127,12 +137,13 @@ async def test_rounds_go_to_the_worker_thread_while_it_runs(tmp_path: Path) -> N
     assert len(refused) == 1 and refused[0].startswith(f"{missing}: cannot make the commit")
     assert group.files == 25
     assert group.rounds <= 2 + 4
+    assert group.inline_rounds == 0
 
 
 async def test_a_round_under_way_when_the_daemon_stops_still_finishes(tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite3"
     conn = _wal_database(path)
-    group = GroupSync()
+    group = GroupSync(inline_bound=None)
     done: list[str] = []
 
     async def caller() -> None:
@@ -153,3 +164,21 @@ async def test_a_round_under_way_when_the_daemon_stops_still_finishes(tmp_path: 
         conn.close()
     assert done == ["synced"]
     assert group.rounds == 1
+
+
+async def test_rounds_run_inline_while_the_worker_runs_if_the_disk_is_quick(
+        tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    conn = _wal_database(path)
+    group = GroupSync(inline_bound=float("inf"))
+    try:
+        async with trio.open_nursery() as daemon:
+            await daemon.start(group.run)
+            for n in range(3):
+                conn.execute("INSERT INTO t VALUES (?)", (n,))
+                await group.sync(path)
+            daemon.cancel_scope.cancel()
+    finally:
+        conn.close()
+    assert group.rounds == group.inline_rounds == 3
+

@@ -3,6 +3,7 @@ sockets, NICs link over the in-memory network, envelopes cross the overlay."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -13,10 +14,13 @@ from typing import Any
 import pytest
 import trio
 
+from twinmesh.bus import local_frames
 from twinmesh.bus.client import BusClient, BusError, text_message
 from twinmesh.bus.inbox_store import InboxStore
+from twinmesh.errors import StorageError
 from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.nic.health import render_prometheus
+from twinmesh.nic.twins import _local_frame
 from twinmesh.proto.attach import sign_attach
 from twinmesh.proto.outbox import OutboxConfig, Status
 from twinmesh.testing.bus import BusNic, bus_line
@@ -57,6 +61,22 @@ async def test_a_message_crosses_two_hops_exactly_once_and_is_acked(tmp_path: Pa
             inbox.close()
 
 
+
+@pytest.mark.parametrize("count", [2, 200])
+def test_frames_to_twins_are_read_without_pycapnp_however_long(count: int) -> None:
+    # A frame of several segments sends the twin to pycapnp's slow reader.
+    envelopes = [bytes([n % 251]) * (40 + 37 * n) for n in range(count)]
+    updates = [(bytes([n % 251]) * 16, "delivered", "x" * (n % 30)) for n in range(count)]
+    results = [(n, n % 2 == 0, "too-large" * (n % 3), "é" * (n % 50), "queued")
+               for n in range(count)]
+    for kind, run, member, expected in (
+        ("deliver", envelopes, "deliveries", envelopes),
+        ("status", updates, "statusUpdates", updates),
+        ("result", results, "results", [(n, (ok, code, text, status))
+                                         for n, ok, code, text, status in results]),
+    ):
+        read = local_frames.read(_local_frame(kind, run))
+        assert read == (member, expected)
 def samples(text: str) -> dict[str, float]:
     """`name{labels}` -> value from a rendered /metrics page."""
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -81,6 +101,9 @@ async def test_metrics_count_a_delivered_message_at_each_nic(tmp_path: Path) -> 
         return after[name][sample] - before[name][sample]
 
     assert grew("a", "twinmesh_outbox_accepted_total") == 1
+    # Its power-safe commit ran once, on the loop or in a thread.
+    assert (grew("a", "twinmesh_outbox_commits_inline_total")
+            + grew("a", "twinmesh_outbox_commits_threaded_total")) == 1
     assert grew("a", 'twinmesh_outbox_finished_total{status="delivered"}') == 1
     assert grew("a", "twinmesh_outbox_transmissions_total") >= 1
     assert after["a"]['twinmesh_outbox_finished_total{status="failed"}'] == 0
@@ -240,7 +263,9 @@ async def test_acks_arriving_during_a_durable_commit_are_committed(
             first = await a_bus.send(bob.public, text_message("one"))
             assert (await b_bus.receive()).id == first
             await wait_for(lambda: bool(held), step=0.01)  # Bob's ack, held back
-            # The next durable commit (a new submission) stops in its thread until told.
+            # The next durable commit (a new submission) stops in its thread until told;
+            # durable commits run in a thread from now on, as after a slow one.
+            port.commit_placement.next_probe = math.inf
             store = port._store
             assert store is not None
             apply = store.apply
@@ -366,3 +391,93 @@ async def test_a_final_status_reaches_a_twin_whose_mailbox_is_full(tmp_path: Pat
             assert (await b_bus.receive()).id == message_id
             assert await a_bus.wait_status(message_id, timeout=10) == ("delivered", "")
             assert n["a"].port.counters["session_overflow"] == 0
+
+
+async def test_durable_commits_run_on_the_loop_until_one_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    with trio.fail_after(30):
+        async with alice_and_bob(tmp_path, alice, bob) as (n, a_bus, b_bus):
+            port = n["a"].port
+            store = port._store
+            assert store is not None
+            # Commit durations come from a fake clock that a "slow disk" moves on.
+            clock = [0.0]
+            port.commit_clock = lambda: clock[0]
+            loop_thread = threading.get_ident()
+            places: list[str] = []
+            slow = [False]
+            apply = store.apply
+
+            def measured(outputs: Any, now: float | None = None, *,
+                         power_safe: bool = True) -> None:
+                if power_safe:
+                    places.append("loop" if threading.get_ident() == loop_thread else "thread")
+                    if slow[0]:
+                        clock[0] += 0.05
+                apply(outputs, now, power_safe=power_safe)
+
+            monkeypatch.setattr(store, "apply", measured)
+
+            async def send(text: str) -> bytes:
+                return await a_bus.send(bob.public, text_message(text))
+
+            ids = [await send("fast disk")]
+            slow[0] = True
+            ids += [await send("slow, on the loop once"), await send("then in a thread")]
+            slow[0] = False
+            ids += [await send("fast again, still in a thread until the probe")]
+            clock[0] += 60.0  # the probe is due
+            ids += [await send("probe"), await send("on the loop again")]
+            assert places == ["loop", "loop", "thread", "thread", "loop", "loop"]
+            got = [await b_bus.receive() for _ in ids]
+            assert sorted(m.id for m in got) == sorted(ids)
+            for message_id in ids:
+                assert await a_bus.wait_status(message_id, timeout=10) == ("delivered", "")
+
+
+@pytest.mark.parametrize("place", ["loop", "thread"])
+async def test_a_failed_durable_commit_answers_overloaded_and_loses_nothing_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, place: str,
+) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    with trio.fail_after(30):
+        async with alice_and_bob(tmp_path, alice, bob) as (n, a_bus, b_bus):
+            port = n["a"].port
+            store = port._store
+            assert store is not None
+            # Commits look instant (a fake clock), or run in a thread as after a slow one.
+            port.commit_clock = lambda: 0.0
+            if place == "thread":
+                port.commit_placement.next_probe = math.inf
+            loop_thread = threading.get_ident()
+            failed_in: list[str] = []
+            apply = store.apply
+
+            def failing(outputs: Any, now: float | None = None, *,
+                        power_safe: bool = True) -> None:
+                if power_safe:
+                    failed_in.append("loop" if threading.get_ident() == loop_thread
+                                     else "thread")
+                    raise StorageError(f"{store.path}: cannot write the outbox: disk I/O error")
+                apply(outputs, now, power_safe=power_safe)
+
+            # The first message is accepted, and still in the outbox (Bob's NIC drops
+            # what arrives) when the next commit fails.
+            n["b"].intercept(lambda source, frame: [])
+            first = await a_bus.send(bob.public, text_message("accepted"))
+            monkeypatch.setattr(store, "apply", failing)
+            with pytest.raises(BusError) as info:
+                await a_bus.send(bob.public, text_message("refused"))
+            assert info.value.code == "overloaded" and "disk I/O error" in str(info.value)
+            assert failed_in == [place]
+            monkeypatch.setattr(store, "apply", apply)
+            n["b"].intercept(None)
+            last = await a_bus.send(bob.public, text_message("accepted after"))
+            got = {(await b_bus.receive()).id for _ in range(2)}
+            assert got == {first, last}
+            for message_id in (first, last):
+                assert await a_bus.wait_status(message_id, timeout=10) == ("delivered", "")
+            assert {e.id for e in store.load()} == {first, last}
+            assert len(port.outbox) == 0

@@ -247,6 +247,11 @@ _OUTBOX_COUNTERS = (
      "outbox_transmissions"),
     ("twinmesh_outbox_retries_total", "Attempts after the first of outbox messages.",
      "outbox_retries"),
+    ("twinmesh_outbox_commits_inline_total",
+     "Power-safe outbox commits run on the event loop (quick disk).", "outbox_commits_inline"),
+    ("twinmesh_outbox_commits_threaded_total",
+     "Power-safe outbox commits run in a worker thread (after a slow one).",
+     "outbox_commits_threaded"),
 )
 OUTBOX_FINAL = ("delivered", "expired", "failed")
 

@@ -23,9 +23,10 @@ Errors: anything the disk or the file does wrong (full, I/O error, read-only,
 corrupt) raises `StorageError` with one line naming the file, after rolling the
 transaction back, so the shell can answer `overloaded` and keep running.
 
-Threads: the trio shell calls `apply` from one task, in a worker thread when the
-batch is power safe (the fsync) and inline otherwise. The connection may be used from
-any thread; a lock serialises the calls.
+Threads: the trio shell calls `apply` from one task. Batches that are not power safe
+run on the event loop; power-safe ones (the fsync) too while they are quick, and in a
+worker thread after a slow one (`twinmesh.commit_placement`). The connection may be used
+from any thread; a lock serialises the calls.
 """
 
 from __future__ import annotations

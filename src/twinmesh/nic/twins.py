@@ -6,7 +6,8 @@ What runs here (all in the NIC's nursery):
   submit sealed envelopes, ask for status, and receive envelopes and status updates;
 - the outbox core (`proto.outbox`), its timer, and one writer task that commits
   everything the core asks to persist in batches (group commit) before the twins
-  that submitted hear "accepted";
+  that submitted hear "accepted" (on the loop while commits are quick, in a worker
+  thread after a slow one: `commit_placement`);
 - one sender task that hands envelopes to the overlay, addressed to the NIC where the
   destination twin is (the location records; our own twins are served directly);
 - the receiving end: envelopes from the overlay go to the attached sessions of their
@@ -44,6 +45,7 @@ import trio
 from twinmesh.bus.crypto import Header, read_header
 from twinmesh.carriers.base import nowait_writer
 from twinmesh.carriers.unix import serve_unix
+from twinmesh.commit_placement import CommitPlacement, StallClock
 from twinmesh.control.framed import CONTROL_MAX_FRAME, FramedStream
 from twinmesh.errors import (
     DecodeError,
@@ -252,6 +254,11 @@ class TwinPort:
         self._waiting: list[_Waiting] = []
         self._batch_ready = trio.Event()
         self._committing = False  # the writer holds a batch (its store use is running)
+        # Whether a power-safe commit runs on the loop or in a thread, and the clock
+        # its durations are measured with (only the writer task touches either).
+        self.commit_placement = CommitPlacement()
+        self._stall_clock = StallClock()
+        self.commit_clock: Callable[[], float] = self._stall_clock
         # A "step" (`_step()`) is one burst of synchronous work: a twin's frame, an
         # overlay packet, a commit. What it produces for other tasks waits until its end
         # and is then done from here when that task is idle, sparing a wake-up each:
@@ -296,6 +303,7 @@ class TwinPort:
                 task_status.started(self.socket_path)
         finally:
             store, self._store = self._store, None
+            self._stall_clock.close()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(store.close)
 
@@ -334,14 +342,8 @@ class TwinPort:
                 continue
             assert self._store is not None
             error = ""
-            if waiting:  # new submissions: power safe, so the fsync runs off the loop
-                self._committing = True
-                try:
-                    await trio.to_thread.run_sync(self._store.apply, batch, _unix_now())
-                except StorageError as exc:
-                    error = self._commit_failed(batch, exc)
-                finally:
-                    self._committing = False
+            if waiting:  # new submissions: power safe (an fsync)
+                error = await self._commit_power_safe(batch)
             else:  # acks and retries: no fsync, cheaper inline than a thread hop
                 self._commit_now(batch)
             try:
@@ -349,6 +351,32 @@ class TwinPort:
                     self._committed(waiting, error)
             except Exception as exc:  # a bug: these twins' requests time out, no more
                 self.internal_errors.record(OUTBOX_COMMIT, exc)
+
+    async def _commit_power_safe(self, batch: list[Persist | Forget]) -> str:
+        """Commit a batch with new submissions, durably: on the loop while such commits
+        are quick (`CommitPlacement`), else in a thread, while the loop gathers the
+        next batch. Returns the error ("": committed)."""
+        assert self._store is not None
+        start = self.commit_clock()
+        if self.commit_placement.inline(start):
+            self.counters["outbox_commits_inline"] += 1
+            failure: StorageError | None = None
+            try:
+                self._store.apply(batch, _unix_now())
+            except StorageError as exc:
+                failure = exc
+            end = self.commit_clock()
+            self.commit_placement.inline_took(end - start, end)
+            return "" if failure is None else self._commit_failed(batch, failure)
+        self.counters["outbox_commits_threaded"] += 1
+        self._committing = True
+        try:
+            await trio.to_thread.run_sync(self._store.apply, batch, _unix_now())
+        except StorageError as exc:
+            return self._commit_failed(batch, exc)
+        finally:
+            self._committing = False
+        return ""
 
     def _commit_now(self, batch: list[Persist | Forget]) -> None:
         """Commit acks and retries (no new submission) on the loop: no fsync."""
@@ -877,8 +905,9 @@ def _item_size(kind: str, value: Any) -> int:
 
 def _local_frame(kind: str, run: list[Any]) -> bytes:
     """One LocalMessage for a run of results, status updates or deliveries: the single
-    member for one, the list member for more."""
-    message = _local.LocalMessage.new_message()
+    member for one, the list member for more. In one segment (sized up front): the
+    twin reads one-segment frames of these kinds without pycapnp (bus/local_frames)."""
+    message = _local.LocalMessage.new_message(num_first_segment_words=_frame_words(kind, run))
     if kind == "deliver":
         if len(run) == 1:
             message.deliver = run[0]
@@ -906,6 +935,20 @@ def _local_frame(kind: str, run: list[Any]) -> bytes:
             result.message = text
             result.status = status
     return bytes(message.to_bytes())
+
+
+def _frame_words(kind: str, run: list[Any]) -> int:
+    """An upper bound on the words of `_local_frame(kind, run)`: each item's struct and
+    list pointer (at most 8 words) plus its bytes and texts rounded up."""
+    if kind == "deliver":
+        variable = sum(len(envelope) for envelope in run)
+    elif kind == "status":
+        variable = sum(len(message_id) + len(status) + len(code)
+                       for message_id, status, code in run)
+    else:
+        variable = sum(len(code) + len(text.encode()) + len(status)
+                       for _, _, code, text, status in run)
+    return 16 + len(run) * 12 + variable // 8
 
 
 def _packed(items: list[tuple[PublicKey, str, bytes]]) -> list[tuple[PublicKey, bytes]]:
