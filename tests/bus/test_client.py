@@ -40,6 +40,7 @@ class ScriptedNic:
         self.reading.set()
         self.answer = True
         self.submitted: list[tuple[int, bytes]] = []  # (request id, envelope)
+        self.submits_frames = 0
         self.framed: FramedStream | None = None
         self._sending = trio.Lock()  # the test and the serving task both send
 
@@ -62,6 +63,7 @@ class ScriptedNic:
             if which == "publish":
                 await self.results([(items, True, "", "")])
             elif which == "submits":
+                self.submits_frames += 1
                 self.submitted += items
                 if self.answer:
                     await self.results([(request_id, True, "", "queued")
@@ -162,3 +164,42 @@ async def test_a_request_whose_message_fails_ends_with_the_nics_code(
         with trio.fail_after(REQUEST_TIMEOUT / 2), pytest.raises(BusError) as error:
             await bus.request(BOB, _text(10), timeout=REQUEST_TIMEOUT)
         assert error.value.code == "noRoute"
+
+
+async def test_a_burst_of_sends_reaches_the_nic_in_two_frames(tmp_path: Path) -> None:
+    """The first send goes out at once; the others made in the same scheduling round
+    wait for it and go out together (one write, one wake-up of the NIC)."""
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            async with trio.open_nursery() as senders:
+                for _ in range(50):
+                    senders.start_soon(bus.send, BOB, _text(10))
+            assert len(nic.submitted) == 50
+            assert nic.submits_frames == 2
+
+
+async def test_waits_for_a_status_end_at_their_own_timeouts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with attached(tmp_path) as (bus, nic):
+        message_id = await bus.send(BOB, _text(10))
+        ended: dict[str, tuple[float, tuple[str, str]]] = {}
+
+        async def wait(name: str, timeout: float) -> None:
+            status = await bus.wait_status(message_id, timeout=timeout)
+            ended[name] = (trio.current_time() - started, status)
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait, "short", 5.0)
+            nursery.start_soon(wait, "long", 20.0)
+            nursery.start_soon(wait, "delivered", 60.0)
+            await trio.sleep(10.0)
+            assert set(ended) == {"short"}
+            await trio.sleep(15.0)
+            await nic.status_update(message_id, "delivered", "")
+        assert ended["short"][0] == pytest.approx(5.0, abs=0.1)
+        assert ended["long"][0] == pytest.approx(20.0, abs=0.1)
+        assert ended["short"][1][0] == ended["long"][1][0] == "queued"
+        assert ended["delivered"][1] == ("delivered", "")
+        assert 25.0 <= ended["delivered"][0] < 26.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import struct
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -356,6 +357,27 @@ def test_every_clear_field_is_in_the_associated_data() -> None:
     # Moving bytes between the variable-length fields changes it too.
     moved = replace(header, reply_to=b"", ack_token=b"r" * 16)
     assert associated_data(moved) != original
+
+
+@pytest.mark.parametrize("reply_to", [b"", b"r" * 16])
+@pytest.mark.parametrize("ack_hash", [b"", b"h" * 16])
+@pytest.mark.parametrize("ack_token", [b"", b"t" * 16, b"odd"])
+def test_associated_data_is_the_documented_layout(
+    reply_to: bytes, ack_hash: bytes, ack_token: bytes
+) -> None:
+    """The same bytes for every size of the variable fields (the common ones are
+    packed in one go, the rest joined piece by piece): peers of other versions
+    compute it from the layout, not from our code."""
+    _, header = TwinCrypto(ALICE).seal_message(BOB.public, b"x", 7, now=NOW)
+    header = replace(header, reply_to=reply_to, ack_hash=ack_hash, ack_token=ack_token)
+    expected = b"".join((
+        b"twinmesh/rmb/v1/ad", header.id, ALICE.public.raw, BOB.public.raw,
+        struct.pack(">dd", header.created, header.deadline), bytes((0,)),
+        (7).to_bytes(8, "big"), bytes((len(reply_to),)), reply_to,
+        bytes((len(ack_hash),)), ack_hash, bytes((len(ack_token),)), ack_token,
+        header.ephemeral,
+    ))
+    assert associated_data(header) == expected
 
 
 def test_flipped_ciphertext_bytes_are_refused() -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -60,7 +61,7 @@ from twinmesh.identity.keys import Identity, PublicKey
 from twinmesh.proto.attach import Location, sign_attach
 from twinmesh.proto.outbox import ACK_GRACE
 from twinmesh.wire import schemas
-from twinmesh.wire.framing import encode_frame
+from twinmesh.wire.framing import frame_prefix
 
 TWINS_SOCKET = "twins.sock"
 LOCATION_TTL = 3600.0
@@ -153,6 +154,10 @@ class BusClient:
         # ("bytes", the rest of a write the socket took only part of).
         self._unsent: list[tuple[str, Any]] = []
         self._writing = False  # the writer task is sending
+        # A write went out inline in this scheduling round: later writes of the round
+        # (the other tasks woken by the same frame) queue, and the writer task sends
+        # them together at the start of the next round.
+        self._inline_sent = False
         self._unsent_bytes = 0
         self._unsent_ready = trio.Event()
         self._drained = trio.Event()  # set (and replaced) after every write
@@ -161,6 +166,7 @@ class BusClient:
         self._request_ids = itertools.count(1)
         self._results: dict[int, _Reply] = {}
         self._requests_made = trio.Event()  # wakes the watchdog
+        self._watchdog_wake = math.inf  # when the watchdog wakes next (trio time)
         self._statuses: dict[bytes, tuple[str, str]] = {}
         self._found: dict[int, Found] = {}
         # Told of every status change of this twin's messages (twind records them).
@@ -171,6 +177,12 @@ class BusClient:
         # One event per message someone waits on (set on its next status change), so a
         # change wakes only that message's waiters, not every `wait_status` in flight.
         self._status_waiters: dict[bytes, trio.Event] = {}
+        # Heap of (deadline, sequence, message id, event) of the `wait_status` calls in
+        # flight: the watchdog sets an event whose deadline passed, so a wait needs no
+        # cancel scope of its own. Entries of waits that ended stay until they are due
+        # or the heap is rebuilt (`_watch_status`).
+        self._status_deadlines: list[tuple[float, int, bytes, trio.Event]] = []
+        self._status_sequence = itertools.count()
         self._replies: dict[bytes, trio.MemorySendChannel[Received]] = {}
         self._incoming_in, self._incoming_out = trio.open_memory_channel[Received](1024)
         self._seen: dict[bytes, float] = {}  # dedup without an inbox store
@@ -379,25 +391,37 @@ class BusClient:
         the connection to the NIC is gone). The NIC is asked first, so a message that
         ended while no client of this twin was attached is found too (e.g. one sent
         before a reconnect); later changes arrive as status updates."""
-        with trio.move_on_after(timeout):
-            # Only for an id this client has not heard of: for its own sends the status
-            # updates follow, and asking would cost a round trip to the NIC per message.
-            if message_id not in self._statuses:
+        deadline = trio.current_time() + timeout
+        # Only for an id this client has not heard of: for its own sends the status
+        # updates follow, and asking would cost a round trip to the NIC per message.
+        if message_id not in self._statuses:
+            with trio.move_on_at(deadline):
                 with contextlib.suppress(BusError):
                     answer, code = await self.status(message_id)
                     if answer == "unknown":
                         return answer, code  # never accepted, or finished long ago
                     if answer in _FINAL:
                         self._set_status(message_id, answer, code)
-            while True:
-                status = self._statuses.get(message_id, ("queued", ""))
-                if status[0] in _FINAL or self._closed:
-                    return status
-                event = self._status_waiters.get(message_id)
-                if event is None:
-                    event = self._status_waiters[message_id] = trio.Event()
-                await event.wait()
-        return self._statuses.get(message_id, ("queued", ""))
+        while True:
+            status = self._statuses.get(message_id, ("queued", ""))
+            if status[0] in _FINAL or self._closed or trio.current_time() >= deadline:
+                return status
+            event = self._status_waiters.get(message_id)
+            if event is None:
+                event = self._status_waiters[message_id] = trio.Event()
+            self._watch_status(deadline, message_id, event)
+            await event.wait()
+
+    def _watch_status(self, deadline: float, message_id: bytes, event: trio.Event) -> None:
+        """Have the watchdog set `event` at `deadline` (unless it is set before)."""
+        heap = self._status_deadlines
+        if len(heap) > 2 * len(self._status_waiters) + 64:
+            # Mostly waits that ended: drop them (amortised over as many pushes).
+            heap[:] = [entry for entry in heap if not entry[3].is_set()]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, next(self._status_sequence), message_id, event))
+        if deadline < self._watchdog_wake:
+            self._requests_made.set()
 
     # ------------------------------------------------------------- receive
 
@@ -458,7 +482,8 @@ class BusClient:
         """Queue one request and wait for the NIC's result for `request_id` (at most
         REQUEST_TIMEOUT: `_watchdog` gives up on it then)."""
         reply = self._results[request_id] = _Reply(trio.current_time() + REQUEST_TIMEOUT)
-        self._requests_made.set()
+        if self._watchdog_wake == math.inf:
+            self._requests_made.set()
         try:
             if self._closed:
                 raise BusError("offline", "the connection to the NIC is gone")
@@ -475,18 +500,31 @@ class BusClient:
             del self._results[request_id]
 
     async def _watchdog(self) -> None:
-        """Ends the requests the NIC has not answered within REQUEST_TIMEOUT: one task
-        for all of them rather than a cancel scope per request. `_results` is in the
-        order the requests were made, so the oldest open one says when to look next:
-        the task wakes about once per REQUEST_TIMEOUT while requests come and go, not
-        per request, and sleeps while none is open (a host runs hundreds of clients)."""
+        """Ends the requests the NIC has not answered within REQUEST_TIMEOUT and the
+        `wait_status` calls past their timeout: one task for all of them rather than a
+        cancel scope each. `_results` is in the order the requests were made, so the
+        oldest open one says when to look next: the task wakes about once per
+        REQUEST_TIMEOUT while requests come and go, not per request, and sleeps while
+        none is open (a host runs hundreds of clients)."""
         while True:
-            wake = self._expire_requests(trio.current_time())
-            if wake is None:
-                self._requests_made = trio.Event()
+            now = trio.current_time()
+            wake = min(self._expire_requests(now) or math.inf, self._expire_status_waits(now))
+            self._watchdog_wake = wake
+            self._requests_made = trio.Event()
+            with trio.move_on_at(wake):
                 await self._requests_made.wait()
-            else:
-                await trio.sleep_until(wake)
+
+    def _expire_status_waits(self, now: float) -> float:
+        """Wake the `wait_status` calls past their deadline; the next deadline."""
+        heap = self._status_deadlines
+        while heap and heap[0][0] <= now:
+            _, _, message_id, event = heapq.heappop(heap)
+            if not event.is_set():
+                # Its other waiters, if any, wait again under a new event.
+                if self._status_waiters.get(message_id) is event:
+                    del self._status_waiters[message_id]
+                event.set()
+        return heap[0][0] if heap else math.inf
 
     def _expire_requests(self, now: float) -> float | None:
         """Time out the open requests past their deadline; the deadline of the oldest
@@ -751,22 +789,26 @@ class BusClient:
 
     async def _write(self, items: list[tuple[str, Any]]) -> None:
         """Send frames and submissions in order (submissions in `submits` lists).
-        While nothing else waits to go out, what the socket takes at once is sent
-        right here (no task switch); the rest queues for the writer task, which sends
-        everything queued in one write (one system call and one wake-up of the NIC
-        for a burst of sends). Returns at once unless more than WRITE_BACKLOG bytes
+        The first write of a scheduling round, while nothing else waits to go out,
+        sends what the socket takes at once right here (no task switch); later writes
+        of the round (the other tasks woken by the same frame) and any rest queue for
+        the writer task, which sends everything queued in one write at the start of
+        the next round (one system call and one wake-up of the NIC for a burst of
+        sends, not one per send). Returns at once unless more than WRITE_BACKLOG bytes
         wait (the NIC is not reading): then once they are out. Raises
         trio.ClosedResourceError when the connection is gone."""
         if self._closed:
             raise trio.ClosedResourceError("the connection to the NIC is gone")
         self._queued_writes += 1
-        if not self._unsent and not self._writing:
+        if not self._unsent and not self._writing and not self._inline_sent:
             data = _encode(items, self._framed.max_frame)
             try:
                 sent = self._framed.send_now(data)
             except trio.BrokenResourceError as exc:
                 self._broken(str(exc))
                 raise trio.ClosedResourceError("the connection to the NIC is gone") from None
+            self._inline_sent = True
+            self._unsent_ready.set()  # the writer ends the round
             if sent == len(data):
                 self._written = self._queued_writes
                 return
@@ -781,13 +823,18 @@ class BusClient:
         while True:
             await self._unsent_ready.wait()
             self._unsent_ready = trio.Event()
+            self._inline_sent = False
             while self._unsent:
                 items, self._unsent = self._unsent, []
                 self._unsent_bytes = 0
                 queued = self._queued_writes
                 self._writing = True
                 try:
-                    await self._framed.stream.send_all(_encode(items, self._framed.max_frame))
+                    data = _encode(items, self._framed.max_frame)
+                    # What the socket takes at once, without trio's socket wrapper.
+                    sent = self._framed.send_now(data)
+                    if sent < len(data):
+                        await self._framed.stream.send_all(memoryview(data)[sent:])
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._broken(str(exc))
                     return
@@ -828,8 +875,9 @@ def _item_size(kind: str, value: Any) -> int:
 
 def _encode(items: list[tuple[str, Any]], max_frame: int) -> bytes:
     """Frames for queued items: runs of submissions as `submits` lists of at most
-    about SUBMITS_BATCH envelope bytes, other frames as they are."""
-    frames: list[bytes] = []
+    about SUBMITS_BATCH envelope bytes, other frames as they are; joined once, so an
+    envelope is copied once on its way to the socket."""
+    parts: list[bytes] = []
     run: list[tuple[int, bytes, bool, bool, int]] = []
     size = 0
 
@@ -837,21 +885,26 @@ def _encode(items: list[tuple[str, Any]], max_frame: int) -> bytes:
         nonlocal size
         if not run:
             return
-        frames.append(encode_frame(local_frames.submits(run), max_frame))
+        body, length = local_frames.submits_parts(run)
+        parts.append(frame_prefix(length, max_frame))
+        parts.extend(body)
         run.clear()
         size = 0
 
     for kind, value in items:
         if kind != "submit":
             close_run()
-            frames.append(value if kind == "bytes" else encode_frame(value, max_frame))
+            if kind == "bytes":
+                parts.append(value)
+            else:
+                parts += (frame_prefix(len(value), max_frame), value)
             continue
         if run and (size + len(value[1]) > SUBMITS_BATCH or len(run) >= SUBMITS_ITEMS):
             close_run()
         run.append(value)
         size += len(value[1])
     close_run()
-    return b"".join(frames) if len(frames) > 1 else frames[0]
+    return b"".join(parts)
 
 
 async def _attach(framed: FramedStream, identity: Identity, receive: bool) -> PublicKey:

@@ -78,6 +78,8 @@ from typing import Any
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.utils
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _lib
 
 from twinmesh.errors import AuthenticationError, DecodeError, ExpiredError, LocalProtocolError
 from twinmesh.identity.keys import KEY_SIZE, Identity, PublicKey
@@ -125,6 +127,13 @@ ERROR_SCHEMA_ID: int = _rmb.ErrorBody.schema.node.id
 # ackToken, each after a one-byte length; then the ephemeral key.
 _AD_FIXED = struct.Struct(">16s32s32sddBQ")
 _COUNT = struct.Struct(">I")
+# `associated_data` for the field sizes a well-formed envelope has, as one layout per
+# (replyTo, ackHash, ackToken, ephemeral) size.
+_AD_LAYOUTS: dict[tuple[int, int, int, int], struct.Struct] = {
+    (r, h, t, KEY_SIZE): struct.Struct(
+        f">{len(AD_CONTEXT)}s{_AD_FIXED.format[1:]}B{r}sB{h}sB{t}s{KEY_SIZE}s")
+    for r in (0, ID_SIZE) for h in (0, ACK_HASH_SIZE) for t in (0, TOKEN_SIZE)
+}
 
 
 @dataclass(frozen=True)
@@ -202,6 +211,16 @@ def ack_matches(message: Header, ack: Header) -> bool:
 
 def associated_data(header: Header) -> bytes:
     """The canonical encoding of every clear header field: the AEAD associated data."""
+    reply_to, ack_hash, ack_token = header.reply_to, header.ack_hash, header.ack_token
+    layout = _AD_LAYOUTS.get((len(reply_to), len(ack_hash), len(ack_token),
+                              len(header.ephemeral)))
+    if layout is not None and not header.more_acks:
+        # The same bytes as below, in one pack: what nearly every envelope takes.
+        return layout.pack(AD_CONTEXT, header.id, header.source.raw,
+                           header.destination.raw, header.created, header.deadline,
+                           _KIND_VALUES[header.kind], header.schema_id, len(reply_to),
+                           reply_to, len(ack_hash), ack_hash, len(ack_token), ack_token,
+                           header.ephemeral)
     return b"".join(
         (
             AD_CONTEXT,
@@ -314,7 +333,9 @@ class TwinCrypto:
             raise LocalProtocolError(f"reply_to is an id of {ID_SIZE} bytes or empty")
         if not 0 < schema_id < _U64:
             raise LocalProtocolError(f"schema id {schema_id} is not a Cap'n Proto type id")
-        token = self._take(TOKEN_SIZE)
+        # One draw for the token, the id and the nonce.
+        drawn = self._take(TOKEN_SIZE + ID_SIZE + NONCE_SIZE)
+        token = drawn[:TOKEN_SIZE]
         return self._seal(
             destination,
             "message",
@@ -325,6 +346,7 @@ class TwinCrypto:
             ack_hash=token_hash(token),
             ack_token=b"",
             plaintext=flat.message(b"", (token, bytes(payload))),
+            drawn=drawn[TOKEN_SIZE:],
         )
 
     def seal_ack(self, message: Header, token: bytes, *, now: float) -> bytes:
@@ -430,14 +452,11 @@ class TwinCrypto:
         cached = key is not None
         if key is None:
             key = self._derive_receive_key(header.source, header.ephemeral)
-        try:
-            plaintext = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                sealed, associated_data(header), nonce, key
-            )
-        except nacl.exceptions.CryptoError:
+        plaintext = _decrypt(sealed, associated_data(header), nonce, key)
+        if plaintext is None:
             raise AuthenticationError(
                 "envelope does not authenticate (tampered, or not from its source)"
-            ) from None
+            )
         if cached:
             self._receive_keys.move_to_end(slot)
         else:
@@ -549,11 +568,15 @@ class TwinCrypto:
         ack_token: bytes,
         plaintext: bytes,
         more_acks: tuple[tuple[bytes, bytes], ...] = (),
+        drawn: bytes | None = None,
     ) -> tuple[bytes, Header]:
+        """`drawn`: the id and nonce, when the caller drew them with its own bytes."""
         epoch = self._current_epoch(created)
         key = self._send_key(destination, epoch)
+        if drawn is None:
+            drawn = self._take(ID_SIZE + NONCE_SIZE)
         header = Header(
-            id=self._take(ID_SIZE),
+            id=drawn[:ID_SIZE],
             source=self.public,
             destination=destination,
             created=float(created),
@@ -566,10 +589,8 @@ class TwinCrypto:
             ephemeral=epoch.public,
             more_acks=more_acks,
         )
-        nonce = self._take(NONCE_SIZE)
-        sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            plaintext, associated_data(header), nonce, key
-        )
+        nonce = drawn[ID_SIZE:]
+        sealed = _encrypt(plaintext, associated_data(header), nonce, key)
         if not more_acks:
             # What pycapnp builds, with one copy of each blob instead of three.
             return flat.message(
@@ -590,7 +611,7 @@ class TwinCrypto:
         envelope.ackToken = ack_token
         envelope.ephemeral = header.ephemeral
         envelope.nonce = nonce
-        envelope.sealed = sealed
+        envelope.sealed = sealed[:]
         if more_acks:
             listed = envelope.init("moreAcks", len(more_acks))
             for item, (message_id, token) in zip(listed, more_acks, strict=True):
@@ -601,6 +622,33 @@ class TwinCrypto:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+# Output buffers for libsodium, not zeroed first: it writes every byte of them.
+_allocate = _ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def _encrypt(plaintext: bytes, ad: bytes, nonce: bytes, key: bytes) -> Any:
+    """XChaCha20-Poly1305 (IETF) of `plaintext`: a buffer (len, slicing, bytes.join)
+    rather than bytes, so the ciphertext is copied once, into the envelope. libsodium
+    called directly: nacl's wrapper re-checks sizes that are ours (a 32-byte key, a
+    24-byte nonce) and copies the result."""
+    size = len(plaintext) + TAG_SIZE
+    out = _allocate("unsigned char[]", size)
+    _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        out, _ffi.NULL, plaintext, len(plaintext), ad, len(ad), _ffi.NULL, nonce, key)
+    return _ffi.buffer(out, size)
+
+
+def _decrypt(sealed: bytes, ad: bytes, nonce: bytes, key: bytes) -> Any | None:
+    """The plaintext as a buffer (its slices are bytes), or None when the tag does not
+    verify. `sealed` is at least TAG_SIZE bytes and `nonce` NONCE_SIZE (`_parse`)."""
+    size = len(sealed) - TAG_SIZE
+    out = _allocate("unsigned char[]", max(size, 1))
+    if _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            out, _ffi.NULL, _ffi.NULL, sealed, len(sealed), ad, len(ad), nonce, key) != 0:
+        return None
+    return _ffi.buffer(out, size)
 
 
 def _check_now(now: float) -> None:
@@ -715,6 +763,66 @@ def _parse(envelope: bytes) -> tuple[Header, bytes, bytes]:
     kind = _KIND_NAMES.get(kind_value)
     if kind is None:
         raise DecodeError(f"envelope kind {kind_value} is unknown")
+    if more_acks or (len(id_), len(source), len(destination), len(ephemeral), len(nonce),
+                     len(reply_to), len(ack_hash), len(ack_token)) not in _SIZES[kind]:
+        _check_sizes(kind, id_, source, destination, ephemeral, nonce, reply_to, ack_hash,
+                     ack_token, more_acks)
+    if not TAG_SIZE <= len(sealed) <= MAX_SEALED:
+        raise DecodeError(f"sealed part of {len(sealed)} bytes is outside {TAG_SIZE}..{MAX_SEALED}")
+    if not (math.isfinite(created) and math.isfinite(deadline)):
+        raise DecodeError("envelope times are not finite")
+    if not 0 <= deadline - created <= MAX_TTL + _TTL_SLACK:
+        raise DecodeError(
+            f"envelope lifetime of {deadline - created:.3f} s is outside 0..{MAX_TTL:g} s"
+        )
+    header = Header(
+        id=id_,
+        source=_public_key(source),
+        destination=_public_key(destination),
+        created=created,
+        deadline=deadline,
+        kind=kind,
+        reply_to=reply_to,
+        schema_id=schema_id,
+        ack_hash=ack_hash,
+        ack_token=ack_token,
+        ephemeral=ephemeral,
+        more_acks=more_acks,
+    )
+    return header, nonce, sealed
+
+
+# Keys seen in envelopes, shared (a PublicKey is immutable): most envelopes name the
+# same few twins, and a key costs more to make than to look up. Emptied when full.
+_KEYS: dict[bytes, PublicKey] = {}
+KEYS_KEPT = 4096
+
+
+def _public_key(raw: bytes) -> PublicKey:
+    key = _KEYS.get(raw)
+    if key is None:
+        if len(_KEYS) >= KEYS_KEPT:
+            _KEYS.clear()
+        key = _KEYS[raw] = PublicKey(raw)
+    return key
+
+
+# The field sizes (id, source, destination, ephemeral, nonce, replyTo, ackHash,
+# ackToken) that `_check_sizes` accepts for each kind (without moreAcks): a set
+# lookup instead of its checks one by one.
+_FIXED_SIZES = (ID_SIZE, KEY_SIZE, KEY_SIZE, KEY_SIZE, NONCE_SIZE)
+_SIZES: dict[str, frozenset[tuple[int, ...]]] = {
+    "message": frozenset((*_FIXED_SIZES, r, ACK_HASH_SIZE, 0) for r in (0, ID_SIZE)),
+    "ack": frozenset((*_FIXED_SIZES, ID_SIZE, h, TOKEN_SIZE) for h in (0, ACK_HASH_SIZE)),
+    "error": frozenset((*_FIXED_SIZES, ID_SIZE, h, t)
+                       for h in (0, ACK_HASH_SIZE) for t in (0, TOKEN_SIZE)),
+}
+
+
+def _check_sizes(kind: str, id_: bytes, source: bytes, destination: bytes,
+                 ephemeral: bytes, nonce: bytes, reply_to: bytes, ack_hash: bytes,
+                 ack_token: bytes, more_acks: tuple[tuple[bytes, bytes], ...]) -> None:
+    """DecodeError naming the first field whose size is wrong for `kind`."""
     _size("id", id_, ID_SIZE)
     _size("source", source, KEY_SIZE)
     _size("destination", destination, KEY_SIZE)
@@ -738,29 +846,6 @@ def _parse(envelope: bytes) -> tuple[Header, bytes, bytes]:
         _size("replyTo of an error", reply_to, ID_SIZE)
     if more_acks and kind != "ack":
         raise DecodeError(f"a {kind} carries no moreAcks")
-    if not TAG_SIZE <= len(sealed) <= MAX_SEALED:
-        raise DecodeError(f"sealed part of {len(sealed)} bytes is outside {TAG_SIZE}..{MAX_SEALED}")
-    if not (math.isfinite(created) and math.isfinite(deadline)):
-        raise DecodeError("envelope times are not finite")
-    if not 0 <= deadline - created <= MAX_TTL + _TTL_SLACK:
-        raise DecodeError(
-            f"envelope lifetime of {deadline - created:.3f} s is outside 0..{MAX_TTL:g} s"
-        )
-    header = Header(
-        id=id_,
-        source=PublicKey(source),
-        destination=PublicKey(destination),
-        created=created,
-        deadline=deadline,
-        kind=kind,
-        reply_to=reply_to,
-        schema_id=schema_id,
-        ack_hash=ack_hash,
-        ack_token=ack_token,
-        ephemeral=ephemeral,
-        more_acks=more_acks,
-    )
-    return header, nonce, sealed
 
 
 def _flat_body(plaintext: bytes) -> tuple[bytes, bytes] | None:
@@ -792,7 +877,7 @@ def _unseal(header: Header, plaintext: bytes) -> Opened:
         return Opened(header, b"", b"", None)
     body = _flat_body(plaintext)
     token, payload = body if body is not None else schemas.decode(
-        _rmb.SealedBody, plaintext, _read_body)
+        _rmb.SealedBody, bytes(plaintext), _read_body)
     if len(payload) > MAX_PAYLOAD:
         raise DecodeError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     if header.kind == "message":

@@ -30,7 +30,9 @@ Update = tuple[bytes, str, str]
 
 _U64 = struct.Struct("<Q")
 _RESULT_DATA = struct.Struct("<IB")  # requestId, then the byte holding `ok` (bit 0)
-_SUBMIT_DATA = struct.Struct("<BxxxIIxxxx")  # flags, payloadSize, requestId
+# One Submit: flags, payloadSize, requestId, then the pointer to its envelope.
+_SUBMIT = struct.Struct("<BxxxIIxxxxQ")
+_ZEROS = bytes(8)
 # Segment table, root pointer, root data word (requestId 0, union tag), its pointer
 # (to the list), the list's tag word.
 _HEAD = struct.Struct("<IIQQQQ")
@@ -154,31 +156,38 @@ def _offset(word: int) -> int:
 def submits(items: list[tuple[int, bytes, bool, bool, int]]) -> bytes:
     """A `submits` LocalMessage (one segment) of (request id, envelope, reliable,
     fail fast, payload size) items: the bytes pycapnp's builder writes for it."""
+    parts, _ = submits_parts(items)
+    return b"".join(parts)
+
+
+def submits_parts(items: list[tuple[int, bytes, bool, bool, int]]) -> tuple[list[bytes], int]:
+    """`submits` as the parts to join and their total size: a writer that joins them
+    with other frames copies each envelope once."""
     count = len(items)
     list_words = count * _SUBMIT_WORDS
-    parts: list[bytes] = []
+    parts: list[bytes] = [b""]  # the head, once the size is known
     blobs: list[bytes] = []
     # The blobs follow the list, in item order; a pointer counts words from its end.
     to_blobs = list_words - _SUBMIT_WORDS  # from item 0's pointer to the first blob
     blob_words = 0
     for request_id, envelope, reliable, fail_fast, payload_size in items:
-        parts.append(_SUBMIT_DATA.pack(int(reliable) | int(fail_fast) << 1,
-                                       payload_size, request_id))
         size = len(envelope)
         # (pycapnp points an empty Data at where its bytes would be, not null)
-        parts.append(_U64.pack(1 | (to_blobs + blob_words) << 2
-                               | _BYTE_LIST << 32 | size << 35))
+        parts.append(_SUBMIT.pack(int(reliable) | int(fail_fast) << 1, payload_size,
+                                  request_id, 1 | (to_blobs + blob_words) << 2
+                                  | _BYTE_LIST << 32 | size << 35))
         blobs.append(envelope)
         pad = -size & 7
         if pad:
-            blobs.append(bytes(pad))
+            blobs.append(_ZEROS[:pad])
         blob_words += (size + 7) >> 3
         to_blobs -= _SUBMIT_WORDS
     words = 1 + 2 + 1 + list_words + blob_words  # root pointer, root, list tag, ...
-    head = _HEAD.pack(0, words, flat.struct_pointer(0, 1, 1), _SUBMITS << 32,
-                      1 | _COMPOSITE << 32 | list_words << 35,
-                      count << 2 | 2 << 32 | 1 << 48)
-    return b"".join((head, *parts, *blobs))
+    parts[0] = _HEAD.pack(0, words, flat.struct_pointer(0, 1, 1), _SUBMITS << 32,
+                          1 | _COMPOSITE << 32 | list_words << 35,
+                          count << 2 | 2 << 32 | 1 << 48)
+    parts += blobs
+    return parts, 8 + words * 8
 
 
 def text_payload(text: str) -> bytes:

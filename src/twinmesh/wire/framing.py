@@ -18,9 +18,15 @@ DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB body; big enough for a 64 KiB payload plus 
 
 def encode_frame(body: bytes, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """Prefix `body` with its length. Raises LocalProtocolError if it exceeds the cap."""
-    if len(body) > max_frame:
-        raise LocalProtocolError(f"frame of {len(body)} bytes exceeds the cap of {max_frame}")
-    return PREFIX.pack(len(body)) + body
+    return frame_prefix(len(body), max_frame) + body
+
+
+def frame_prefix(size: int, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """The prefix of a frame of `size` bytes, for a writer that joins it with the body's
+    parts itself. Raises LocalProtocolError if it exceeds the cap."""
+    if size > max_frame:
+        raise LocalProtocolError(f"frame of {size} bytes exceeds the cap of {max_frame}")
+    return PREFIX.pack(size)
 
 
 class FrameDecoder:
@@ -39,25 +45,39 @@ class FrameDecoder:
         """Add received bytes; return the bodies of all frames now complete, in order."""
         if self._failed is not None:
             raise self._failed
-        self._buffer += data
-        frames: list[bytes] = []
         buf = self._buffer
-        offset = 0
-        while len(buf) - offset >= PREFIX_SIZE:
-            (length,) = PREFIX.unpack_from(buf, offset)
-            if length > self.max_frame:
-                self._failed = FrameTooLarge(
-                    f"frame length {length} exceeds the cap of {self.max_frame}"
-                )
-                raise self._failed
-            end = offset + PREFIX_SIZE + length
-            if end > len(buf):
-                break
-            frames.append(bytes(buf[offset + PREFIX_SIZE : end]))
-            offset = end
-        if offset:
-            del buf[:offset]
+        if buf:
+            buf += data
+            frames, offset = self._split(buf)
+            if offset:
+                del buf[:offset]
+            return frames
+        # Nothing held back: frames are sliced straight out of `data` (one copy each,
+        # not two through the buffer), and only an incomplete tail is kept.
+        frames, offset = self._split(data)
+        if offset < len(data):
+            buf += data[offset:] if offset else data
         return frames
+
+    def _split(self, buf: bytes | bytearray) -> tuple[list[bytes], int]:
+        """The complete frames at the start of `buf`, and where they end."""
+        frames: list[bytes] = []
+        offset = 0
+        size = len(buf)
+        with memoryview(buf) as view:
+            while size - offset >= PREFIX_SIZE:
+                (length,) = PREFIX.unpack_from(buf, offset)
+                if length > self.max_frame:
+                    self._failed = FrameTooLarge(
+                        f"frame length {length} exceeds the cap of {self.max_frame}"
+                    )
+                    raise self._failed
+                end = offset + PREFIX_SIZE + length
+                if end > size:
+                    break
+                frames.append(bytes(view[offset + PREFIX_SIZE:end]))
+                offset = end
+        return frames, offset
 
     @property
     def buffered(self) -> int:
