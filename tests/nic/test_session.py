@@ -15,7 +15,7 @@ import trio.testing
 from twinmesh.errors import LinkClosedError, LocalProtocolError
 from twinmesh.identity.keys import Identity
 from twinmesh.nic.session import MAX_CONTROL_BACKLOG, LinkSession
-from twinmesh.proto.link import DownKind, Link, LinkConfig, LinkDown
+from twinmesh.proto.link import DownKind, Link, LinkConfig, LinkDown, LinkUp
 from twinmesh.testing.memnet import MemoryNetwork
 
 CONFIG = LinkConfig(keepalive_interval=0.5, dead_after=2.0, handshake_timeout=3.0)
@@ -344,4 +344,71 @@ async def test_a_send_right_after_the_writer_takes_a_payload_goes_after_it(kind:
                 want = len(expected)
                 await wait_until(rb, lambda: len(rb.data) >= want or bool(rb.downs))  # noqa: B023
             assert rb.data == expected
+            nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Echo(Recorder):
+    """Answers every packet on the link it came from, while the read is handed out."""
+
+    def link_data(self, session: LinkSession, data: bytes) -> None:
+        super().link_data(session, data)
+        session.send_nowait(b"echo " + data)
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+async def test_both_ends_answering_a_burst_never_wait_on_each_other(kind: str) -> None:
+    # A burst lands in few reads of many frames each; the answers to one read are
+    # written together once it is handed out, more than the small socket buffers take.
+    # A reader that waited to write them while the other end's reader did the same
+    # would hang both. 200 payloads: fewer than the send queue holds, none is dropped.
+    with trio.fail_after(20):
+        async with socket_pair(kind) as (sa, sb), trio.open_nursery() as nursery:
+            a, ra, b, _ = socket_sessions(sa, sb)
+            echo = Echo()
+            b._observer = echo
+            nursery.start_soon(a.run)
+            nursery.start_soon(b.run)
+            await wait_until(ra, lambda: ra.ups == 1)
+            await wait_until(echo, lambda: echo.ups == 1)
+            sent = [b"%d:" % i + b"x" * (i * 7919 % 20_000) for i in range(200)]
+            for payload in sent:
+                await a.send(payload)
+            await wait_until(ra, lambda: len(ra.data) >= len(sent) or bool(ra.downs))
+            assert ra.data == [b"echo " + payload for payload in sent]
+            assert echo.data == sent
+            nursery.cancel_scope.cancel()
+
+
+
+async def test_a_peer_that_sends_but_never_reads_is_closed_not_buffered_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every keepalive is answered by the core itself; the reader does not wait for the
+    # peer to read those answers, so their backlog is what bounds memory.
+    monkeypatch.setattr("twinmesh.nic.session.MAX_CORE_BACKLOG", 200)
+    with trio.fail_after(20):
+        async with socket_pair("unix") as (sa, sb), trio.open_nursery() as nursery:
+            a, ra, _, _ = socket_sessions(sa, sb)
+            nursery.start_soon(a.run)
+            # The peer: a bare link core on the other socket, driven by hand.
+            flood = Link(Identity.generate(), initiator=False, now=trio.current_time(),
+                         config=QUIET)
+            while not any(isinstance(e, LinkUp) for e in flood.receive_data(
+                    bytes(await sb.receive_some(65536)), trio.current_time())):
+                await sb.send_all(flood.data_to_send())
+            await sb.send_all(flood.data_to_send())
+            await wait_until(ra, lambda: ra.ups == 1)
+            # Up: now it only sends keepalives, and never reads again.
+            for _ in range(20_000):
+                flood._send_keepalive(trio.current_time())
+                with trio.move_on_after(0.5) as stuck:
+                    try:
+                        await sb.send_all(flood.data_to_send())
+                    except trio.BrokenResourceError:
+                        break
+                if stuck.cancelled_caught or ra.downs:
+                    break
+            await wait_until(ra, lambda: bool(ra.downs))
+            assert "does not read" in ra.downs[0].reason
             nursery.cancel_scope.cancel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import nacl.bindings as sodium
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -185,6 +186,24 @@ def test_session_bytes_are_encrypted() -> None:
     assert secret not in wire
     assert b"the secret" not in wire
     assert received(b.receive_data(wire, now=0.0)) == [secret]
+
+
+def test_a_session_frame_is_the_counter_then_the_aead_of_the_link_message() -> None:
+    # The layout every NIC version reads: length prefix, 8-byte counter, then
+    # ChaCha20-Poly1305 (IETF; nonce: 4 zero bytes and the counter) of the LinkMessage.
+    a, b = up_pair()
+    a.data_to_send()
+    keys = a._keys
+    assert keys is not None
+    for payload in (b"", b"x", b"y" * 1000, b"z" * 70_000):
+        counter = keys.send_counter
+        a.send_data(payload, now=0.0)
+        wire = a.data_to_send()
+        nonce = bytes(4) + COUNTER.pack(counter)
+        sealed = sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
+            encode_data(payload), None, nonce, keys.send)
+        assert wire == encode_frame(COUNTER.pack(counter) + sealed)
+        assert received(b.receive_data(wire, now=0.0)) == [payload]
 
 
 def test_each_link_has_its_own_keys() -> None:

@@ -72,7 +72,7 @@ async def connected(
         yield stream
 
 
-def nowait_writer(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
+def nowait_writer(stream: trio.abc.Stream) -> Callable[[bytes | bytearray], int] | None:
     """A function writing to `stream` without blocking, or None when the stream has no
     such path (only a plain socket has one). It returns how many bytes the kernel took
     (0 when its buffer is full) and raises OSError when the connection is broken or
@@ -84,7 +84,7 @@ def nowait_writer(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
         return None
     sock = stream.socket
 
-    def write(data: bytes) -> int:
+    def write(data: bytes | bytearray) -> int:
         # fileno() is -1 once the socket is closed: EBADF, never another file.
         try:
             return os.write(sock.fileno(), data)
@@ -92,3 +92,38 @@ def nowait_writer(stream: trio.abc.Stream) -> Callable[[bytes], int] | None:
             return 0
 
     return write
+
+
+def nowait_reader(stream: trio.abc.Stream) -> NowaitReader | None:
+    """A reader of `stream` that skips `receive_some`'s detours, or None when the stream
+    has no such path (only a plain socket has one).
+
+    Why: `receive_some` tries the read, then yields to the scheduler even when bytes were
+    there, and a read that finds nothing raises, waits and reads again: a trip through
+    the run loop and an empty system call on every wake-up. A link that reads what a
+    wake-up brought and then waits (a packet at a time, the usual case) needs one wait
+    and one read."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    return NowaitReader(stream.socket)
+
+
+class NowaitReader:
+    """`read(max_bytes)` without blocking, and `wait_readable()` to wait for bytes."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock  # the caller owns the stream, and closes it
+
+    def read(self, max_bytes: int) -> bytes | None:
+        """Bytes the kernel holds (at most `max_bytes`): b"" at end of stream, None when
+        there are none yet. Raises OSError when the connection is broken or closed."""
+        # fileno() is -1 once the socket is closed: EBADF, never another file.
+        try:
+            return os.read(self._sock.fileno(), max_bytes)
+        except BlockingIOError:
+            return None
+
+    async def wait_readable(self) -> None:
+        """Wait until `read` has something to say (a checkpoint). Raises
+        trio.ClosedResourceError when the stream is closed meanwhile."""
+        await trio.lowlevel.wait_readable(self._sock)

@@ -40,7 +40,7 @@ from twinmesh.nic.dialer import DIAL_TIMEOUT, Dialer
 from twinmesh.nic.health import Metric, overlay_metrics
 from twinmesh.nic.internal_errors import InternalErrors
 from twinmesh.nic.overlay import Overlay, PacketHandler, PingReply
-from twinmesh.nic.session import LinkSession
+from twinmesh.nic.session import LinkSession, WriteBatch
 from twinmesh.proto.link import DownKind, Link, LinkDown
 
 
@@ -106,6 +106,9 @@ class Nic:
         self.internal_errors = InternalErrors(self.log)
         self.overlay = Overlay(identity, self.by_peer, config.router, on_packet,
                                internal_errors=self.internal_errors)
+        # Shared by all links: a packet forwarded while a read's packets are handed out
+        # is written with the others bound for the same link.
+        self._write_batch = WriteBatch()
 
     # --------------------------------------------------------------- lifecycle
 
@@ -249,6 +252,7 @@ class Nic:
             carrier=carrier,
             send_queue=self.config.send_queue,
             internal_errors=self.internal_errors,
+            batch=self._write_batch,
         )
 
     async def _run_session(self, session: LinkSession) -> None:

@@ -16,6 +16,11 @@ locked write). That direct path spares a packet the writer task's wake-up and th
 trips through the run loop: most packets leave from the task that made them.
 Events go to the owner through `LinkObserver`.
 
+A read often brings several frames, and the owner answers or forwards each of them on
+some link. While a read's events are handed out, direct writes wait in the cores
+(`WriteBatch`) and each link touched is written once at the end: one system call (and
+one wake-up of the peer) for the lot instead of one per packet.
+
 A bug raising out of the owner's handler for one event (a packet, the link coming up
 or going down) drops that event and is counted (`InternalErrors`); the link runs on.
 One raising out of the link core itself leaves the core's state unknown: that link
@@ -33,7 +38,7 @@ from typing import Protocol
 import structlog
 import trio
 
-from twinmesh.carriers.base import nowait_writer
+from twinmesh.carriers.base import NowaitReader, nowait_reader, nowait_writer
 from twinmesh.errors import LinkClosedError, LocalProtocolError
 from twinmesh.identity.keys import PublicKey
 from twinmesh.nic.internal_errors import LINK_CORE, LINK_EVENT, LINK_PACKET, InternalErrors
@@ -41,11 +46,29 @@ from twinmesh.proto.link import DataReceived, DownKind, Event, Link, LinkDown, L
 
 _ids = itertools.count(1)
 
-READ_SIZE = 256 * 1024
+# Under glibc's threshold (128 KiB) for serving an allocation with its own mapping:
+# a 256 KiB read buffer was mapped and unmapped on every read, faulting in each page
+# it touched (5x the CPU of a 64 KiB read).
+READ_SIZE = 127 * 1024
 # Most bytes one write gathers from the queue before flushing.
 WRITE_BATCH_BYTES = 256 * 1024
 GOODBYE_TIMEOUT = 0.5
 MAX_CONTROL_BACKLOG = 4096
+# Frames the core may hold for a peer that does not read while we read it: the core
+# answers some frames itself (keepalive acks), and the reader never waits to write.
+# One read's worth of answers and forwards is a few thousand small frames at most.
+MAX_CORE_BACKLOG = 65536
+
+
+class WriteBatch:
+    """Links whose direct writes wait for the end of the batch of events being handed
+    out. A NIC shares one among all its links, so a packet forwarded from one link to
+    another waits too. Changed only by `LinkSession`, synchronously (no checkpoint
+    between opening and closing a batch)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.sessions: list[LinkSession] = []
 
 
 class LinkObserver(Protocol):
@@ -72,6 +95,7 @@ class LinkSession:
         carrier: str,
         send_queue: int = 256,
         internal_errors: InternalErrors | None = None,
+        batch: WriteBatch | None = None,
     ) -> None:
         self.id = next(_ids)
         self.core = core
@@ -91,11 +115,13 @@ class LinkSession:
         self._write_nowait = nowait_writer(stream)
         # Bytes the core produced that the kernel did not take yet: they go before
         # anything else, and while there are some every write waits for the lock.
-        self._unsent = b""
+        self._unsent: bytes | bytearray = b""
         # Payloads put in the queue and not yet fed to the core. The queue's own count
         # misses one handed to a waiting writer, or taken by it before it yields: a
         # direct write then would overtake it.
         self._queued = 0
+        self._batch = batch if batch is not None else WriteBatch()
+        self._batched = False  # in `_batch.sessions`
         self.log = structlog.get_logger("twinmesh.link").bind(
             link=self.id, direction=direction, uri=uri
         )
@@ -217,22 +243,70 @@ class LinkSession:
             self._finished.set()
 
     async def _reader(self) -> None:
+        reader = nowait_reader(self._stream)
+        if reader is not None:
+            await self._read_socket(reader)
+            return
         while self.down is None:
             try:
                 data = await self._stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._carrier_failed(exc)
                 return
-            if not data:
-                self._carrier_failed(None)
+            if not self._received(data):
                 return
+
+    async def _read_socket(self, reader: NowaitReader) -> None:
+        # A read shorter than asked for emptied the kernel's buffer: wait before the
+        # next one instead of reading nothing. After a full one, read again at once,
+        # yielding first so a busy link does not starve the other tasks.
+        drained = True
+        while self.down is None:
             try:
-                events = self.core.receive_data(bytes(data), trio.current_time())
-            except Exception as exc:
-                self._core_failed(exc)
+                if drained:
+                    await reader.wait_readable()
+                else:
+                    await trio.lowlevel.checkpoint()
+                data = reader.read(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._carrier_failed(exc)
                 return
+            if data is None:
+                drained = True
+                continue
+            drained = len(data) < READ_SIZE
+            if not self._received(data):
+                return
+
+    def _received(self, data: bytes | bytearray) -> bool:
+        """Feed what the carrier delivered to the core; False when the link ends."""
+        if not data:
+            self._carrier_failed(None)
+            return False
+        try:
+            events = self.core.receive_data(bytes(data), trio.current_time())
+        except Exception as exc:
+            self._core_failed(exc)
+            return False
+        if len(events) > 1:
+            self._dispatch_batched(events)
+        else:
             self._dispatch(events)
-            await self._flush()
+        self._flush_nowait()
+        return True
+
+    def _dispatch_batched(self, events: list[Event]) -> None:
+        batch = self._batch
+        batch.depth += 1
+        try:
+            self._dispatch(events)
+        finally:
+            batch.depth -= 1
+            if not batch.depth:
+                sessions, batch.sessions = batch.sessions, []
+                for session in sessions:
+                    session._batched = False
+                    session._write_or_wake()
 
     async def _writer(self) -> None:
         async for payload in self._queue_out:
@@ -293,6 +367,15 @@ class LinkSession:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._carrier_failed(exc)
 
+    def _flush_nowait(self) -> None:
+        # The reader never waits for the peer to read: if both readers did, each waiting
+        # for the other's, neither would read again. What the kernel does not take now
+        # is left to the writer.
+        if self._unsent or self.core.has_data_to_send:
+            self._write_or_wake()
+            if self.core.frames_to_send > MAX_CORE_BACKLOG:
+                self.close("write backlog overflow: the peer sends but does not read")
+
     def _send_directly(self, payload: bytes) -> bool:
         """Encrypt and write `payload` now when nothing is ahead of it (queue, control
         backlog, a running write); True when it is taken care of. What the kernel does
@@ -301,12 +384,21 @@ class LinkSession:
                 or self._send_lock.locked() or self._queued):
             return False
         self.core.send_data(payload, trio.current_time())
+        if self._batch.depth:
+            if not self._batched:
+                self._batched = True
+                self._batch.sessions.append(self)
+        else:
+            self._write_or_wake()
+        return True
+
+    def _write_or_wake(self) -> None:
         if not self._write_directly():
-            # The kernel's buffer is full: the writer waits for room. Its queue is empty
-            # (checked above), so this wake-up fits unless the writer is not waiting.
+            # Not all of it went (the kernel's buffer is full, a locked write runs, or
+            # the stream has no direct path): the writer writes the rest. A full queue
+            # means it is busy, and its next write takes the core's bytes along.
             with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
                 self._enqueue(b"")
-        return True
 
     def _enqueue(self, payload: bytes) -> None:
         self._queue_in.send_nowait(payload)

@@ -55,6 +55,8 @@ import nacl.encoding
 import nacl.exceptions
 import nacl.hash
 import nacl.utils
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _lib
 
 from twinmesh.errors import (
     AuthenticationError,
@@ -65,13 +67,23 @@ from twinmesh.errors import (
 )
 from twinmesh.identity.keys import KEY_SIZE, SIGNATURE_SIZE, Identity, PublicKey
 from twinmesh.wire import flat, schemas
-from twinmesh.wire.framing import DEFAULT_MAX_FRAME, PREFIX_SIZE, FrameDecoder, encode_frame
+from twinmesh.wire.framing import (
+    DEFAULT_MAX_FRAME,
+    PREFIX,
+    PREFIX_SIZE,
+    FrameDecoder,
+    encode_frame,
+)
 
 VERSION = 1
 HELLO_CONTEXT = b"twinmesh/link/v1/hello"
 ACCEPT_CONTEXT = b"twinmesh/link/v1/accept"
 COUNTER = struct.Struct(">Q")
 TAG_SIZE = sodium.crypto_aead_chacha20poly1305_ietf_ABYTES
+# A session frame's length prefix and counter; the nonce is the counter, zero-padded.
+_SESSION_HEAD = struct.Struct(">IQ")
+_NONCE = struct.Struct(">4xQ")
+_TAG_ROOM = bytes(TAG_SIZE)
 # Close the link long before the 64-bit nonce space could wrap.
 MAX_COUNTER = 1 << 62
 # The smallest maxFrame either side may announce. The field is not signed, so a
@@ -192,7 +204,7 @@ class Link:
         self.down: LinkDown | None = None
         self._started = now
         self._decoder = FrameDecoder(self.config.max_frame)
-        self._outgoing: list[bytes] = []
+        self._outgoing: list[bytes | bytearray] = []
         self._keys: _Keys | None = None
         self._confirmed = False
         self._last_received = now
@@ -237,7 +249,7 @@ class Link:
             raise LocalProtocolError(
                 f"payload of {len(payload)} bytes exceeds the link maximum of {self.max_payload}"
             )
-        self._send_plaintext(encode_data(payload), now)
+        self._send_plaintext(_data_parts(payload), now)
 
     def close(self, reason: str, now: float) -> list[Event]:
         """Close the link, telling the peer why if the session is up."""
@@ -249,13 +261,21 @@ class Link:
             self._send_message(message, now)
         return self._go_down(LinkDown(DownKind.CLOSED_LOCALLY, reason), [])
 
-    def data_to_send(self) -> bytes:
-        """All bytes queued for the carrier since the last call, in order."""
-        if not self._outgoing:
+    def data_to_send(self) -> bytes | bytearray:
+        """All bytes queued for the carrier since the last call, in order. The caller
+        owns them: a bytearray is never touched by the core again."""
+        outgoing = self._outgoing
+        if not outgoing:
             return b""
-        data = b"".join(self._outgoing)
-        self._outgoing.clear()
+        # One frame (the usual case at low load) goes out as it is, without a copy.
+        data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+        outgoing.clear()
         return data
+
+    @property
+    def frames_to_send(self) -> int:
+        """How many frames `data_to_send()` would return (a shell bounds its backlog)."""
+        return len(self._outgoing)
 
     @property
     def has_data_to_send(self) -> bool:
@@ -449,14 +469,9 @@ class Link:
             raise AuthenticationError(
                 f"replayed or reordered frame: counter {counter}, expected {keys.recv_counter}"
             )
-        try:
-            plaintext = sodium.crypto_aead_chacha20poly1305_ietf_decrypt(
-                body[COUNTER.size :], None, _nonce(counter), keys.recv
-            )
-        except nacl.exceptions.CryptoError:
-            raise AuthenticationError(
-                "frame failed authentication (tampered or wrong key)"
-            ) from None
+        plaintext = _open(body, counter, keys.recv)
+        if plaintext is None:
+            raise AuthenticationError("frame failed authentication (tampered or wrong key)")
         keys.recv_counter += 1
         if keys.recv_counter >= MAX_COUNTER:
             raise AuthenticationError("receive counter exhausted; the link must be re-keyed")
@@ -467,7 +482,7 @@ class Link:
         if data is not None:  # the hot path: an overlay payload in canonical form
             events.append(DataReceived(data))
             return
-        which, value = schemas.decode(_link.LinkMessage, plaintext, _read_link_message)
+        which, value = schemas.decode(_link.LinkMessage, plaintext[:], _read_link_message)
         if which == "data":
             events.append(DataReceived(value))
         elif which == "keepalive":
@@ -501,9 +516,10 @@ class Link:
         self._send_message(message, now)
 
     def _send_message(self, message: Any, now: float) -> None:
-        self._send_plaintext(message.to_bytes(), now)
+        self._send_plaintext((message.to_bytes(),), now)
 
-    def _send_plaintext(self, plaintext: bytes, now: float) -> None:
+    def _send_plaintext(self, plaintext: tuple[bytes, ...], now: float) -> None:
+        """Encrypt the concatenation of `plaintext` into one session frame."""
         # Anything sent tells the peer we are alive, so the keepalive waits a full
         # interval after it: a link busy with data, or answering the peer's keepalives,
         # sends none of its own (half the idle frames and wake-ups of both sending).
@@ -514,13 +530,18 @@ class Link:
         if counter >= MAX_COUNTER:
             raise LocalProtocolError("send counter exhausted; the link must be re-keyed")
         keys.send_counter += 1
-        ciphertext = sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
-            plaintext, None, _nonce(counter), keys.send
-        )
-        self._queue_frame(COUNTER.pack(counter) + ciphertext)
+        frame = _seal(plaintext, counter, keys.send)
+        if len(frame) - PREFIX_SIZE > self.peer_max_frame:
+            raise LocalProtocolError(
+                f"frame of {len(frame) - PREFIX_SIZE} bytes exceeds the cap of "
+                f"{self.peer_max_frame}"
+            )
+        self._count_frame(frame)
 
     def _queue_frame(self, body: bytes) -> None:
-        frame = encode_frame(body, self.peer_max_frame)
+        self._count_frame(encode_frame(body, self.peer_max_frame))
+
+    def _count_frame(self, frame: bytes | bytearray) -> None:
         self.stats.frames_out += 1
         self.stats.bytes_out += len(frame)
         self._outgoing.append(frame)
@@ -549,22 +570,69 @@ _DATA_TAG = 3
 _DATA_SECTION = flat.U16.pack(_DATA_TAG) + bytes(6)
 
 
+# Segment table, root pointer, data section and the Data pointer of `encode_data`.
+_DATA_HEAD = struct.Struct("<IIQ8sQ")
+_DATA_ROOT = flat.struct_pointer(0, 1, 1)
+_BYTE_LIST_POINTER = 1 | (2 << 32)
+_PAD = [bytes(-size & 7) for size in range(8)]
+
+
 def encode_data(payload: bytes) -> bytes:
     """A `LinkMessage` whose member is `data = payload`, as pycapnp lays it out."""
-    return flat.message(_DATA_SECTION, (payload,))
+    return b"".join(_data_parts(payload))
 
 
-def read_data(plaintext: bytes) -> bytes | None:
+def _data_parts(payload: bytes) -> tuple[bytes, ...]:
+    # flat.message's layout for one blob, in pieces: the payload is copied once, into
+    # the frame, not first into a message and then into the frame.
+    size = len(payload)
+    if not size:
+        return (_DATA_HEAD.pack(0, 3, _DATA_ROOT, _DATA_SECTION, 0),)
+    head = _DATA_HEAD.pack(0, 3 + ((size + 7) >> 3), _DATA_ROOT, _DATA_SECTION,
+                           _BYTE_LIST_POINTER | (size << 35))
+    return head, payload, _PAD[size & 7]
+
+
+def read_data(plaintext: Any) -> bytes | None:
     """The payload of a flat `LinkMessage.data`, exactly as pycapnp reads it; None for
-    any other member or layout (then pycapnp decodes it)."""
+    any other member or layout (then pycapnp decodes it). `plaintext`: bytes, or a
+    buffer whose slices are bytes."""
     layout = flat.root(plaintext)
     if layout is None or layout[3] < 1 or flat.union_tag(plaintext, layout) != _DATA_TAG:
         return None
     return flat.blob_at(plaintext, layout[2])
 
 
-def _nonce(counter: int) -> bytes:
-    return b"\x00\x00\x00\x00" + COUNTER.pack(counter)
+# libsodium called directly: nacl's wrappers re-check sizes that are ours (a 32-byte
+# key, a 12-byte nonce), allocate zeroed buffers and copy the result out again.
+# Output buffers are not zeroed first: libsodium writes every byte of them.
+_allocate = _ffi.new_allocator(should_clear_after_alloc=False)
+
+
+def _seal(plaintext: tuple[bytes, ...], counter: int, key: bytes) -> bytearray:
+    """A whole session frame (prefix, counter, ciphertext, tag) of the concatenated
+    `plaintext`, encrypted in place: the plaintext is copied once, into the frame."""
+    frame = bytearray().join((_SESSION_HEAD.pack(0, counter), *plaintext, _TAG_ROOM))
+    size = len(frame) - _SESSION_HEAD.size - TAG_SIZE
+    PREFIX.pack_into(frame, 0, len(frame) - PREFIX_SIZE)
+    buffer = _ffi.from_buffer("unsigned char[]", frame)
+    at = buffer + _SESSION_HEAD.size
+    _lib.crypto_aead_chacha20poly1305_ietf_encrypt(
+        at, _ffi.NULL, at, size, _ffi.NULL, 0, _ffi.NULL, _NONCE.pack(counter), key)
+    return frame
+
+
+def _open(body: bytes, counter: int, key: bytes) -> Any | None:
+    """The plaintext of session frame `body` (at least counter and tag long) as a
+    buffer whose slices are bytes, or None when it does not authenticate."""
+    size = len(body) - COUNTER.size - TAG_SIZE
+    out = _allocate("unsigned char[]", max(size, 1))
+    sealed = _ffi.from_buffer("unsigned char[]", body) + COUNTER.size
+    if _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
+            out, _ffi.NULL, _ffi.NULL, sealed, size + TAG_SIZE, _ffi.NULL, 0,
+            _NONCE.pack(counter), key) != 0:
+        return None
+    return _ffi.buffer(out, size)
 
 
 def _hash(data: bytes) -> bytes:

@@ -258,10 +258,18 @@ class Router:
         if neighbor is None:
             return [Violation(peer, "overlay traffic from a peer that is not a neighbour")]
         out: list[Output]
-        fast = read_payload_packet(data)
-        if fast is not None:  # the hot path: a payload packet in canonical form
+        # The hot path: a payload packet in canonical form, read through a view so that
+        # a packet only passing through is copied once, into the packet forwarded.
+        view = memoryview(data)
+        fast = read_payload_packet(view)
+        if fast is not None:
+            (source, destination, hop_limit, (_, payload)), at = fast
+            destination = bytes(destination)
+            if destination == self.key.raw:
+                payload = bytes(payload)
             out = []
-            self._receive_packet(peer, fast[0], now, out, raw=(data, fast[1]))
+            packet = (bytes(source), destination, hop_limit, ("payload", payload))
+            self._receive_packet(peer, packet, now, out, raw=(view, at))
             return out
         try:
             which, value = schemas.decode(_route.Overlay, data, _read_overlay)
@@ -600,10 +608,11 @@ class Router:
 
     def _receive_packet(
         self, peer: PublicKey, packet: tuple[bytes, bytes, int, tuple[str, Any]],
-        now: float, out: list[Output], raw: tuple[bytes, int] | None = None,
+        now: float, out: list[Output], raw: tuple[memoryview, int] | None = None,
     ) -> None:
         """`raw`: the packet's flat encoding and where its hop limit lies in it, so
-        forwarding patches one byte instead of encoding the packet again."""
+        forwarding patches one byte instead of encoding the packet again (a payload
+        then is still a view into it, made bytes only if the packet is ours)."""
         source_raw, destination_raw, hop_limit, body = packet
         if len(source_raw) != KEY_SIZE or len(destination_raw) != KEY_SIZE:
             out.append(Violation(peer, "packet with a malformed address"))
@@ -866,11 +875,12 @@ def encode_payload_packet(source: bytes, destination: bytes, hop_limit: int,
 
 
 def read_payload_packet(
-    data: bytes,
-) -> tuple[tuple[bytes, bytes, int, tuple[str, Any]], int] | None:
+    data: Any,
+) -> tuple[tuple[Any, Any, int, tuple[str, Any]], int] | None:
     """A payload packet in the canonical flat layout (what `encode_payload_packet` and
     pycapnp write) as `_read_overlay` returns it, with the byte offset of its hop limit;
-    None for anything else, which pycapnp then decodes."""
+    None for anything else, which pycapnp then decodes. `data`: bytes, or a memoryview
+    (whose slices, the fields returned, are views too)."""
     layout = flat.root(data)
     if layout is None or layout[1] != 1 or layout[3] != 1 \
             or flat.union_tag(data, layout) != _PACKET_TAG:
