@@ -1,5 +1,5 @@
-"""Where power-safe outbox commits run: on the loop while quick, in a thread after a
-slow one, back on the loop once a probe is quick again."""
+"""Where power-safe commits run: small ones on the loop while quick, in a thread after
+a slow one, back on the loop once a probe is quick again; big ones in a thread."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from twinmesh.commit_placement import (
     INLINE_COMMIT_BOUND,
+    INLINE_MAX_ITEMS,
     MAX_PROBE_INTERVAL,
     PROBE_STALL_RATIO,
     CommitPlacement,
@@ -22,6 +23,14 @@ def test_commits_stay_on_the_loop_while_quick() -> None:
     for now in range(100):
         assert placement.inline(float(now))
         placement.inline_took(INLINE_COMMIT_BOUND, float(now))
+
+
+def test_a_big_commit_goes_to_a_thread_even_while_commits_are_quick() -> None:
+    # It pays the hand-off once for many items, and would stall the loop the longest.
+    placement = CommitPlacement()
+    assert placement.inline(0.0, INLINE_MAX_ITEMS)
+    assert not placement.inline(0.0, INLINE_MAX_ITEMS + 1)
+    assert placement.inline(0.0, 1)  # and the small ones after it stay on the loop
 
 
 def test_after_a_slow_commit_threads_until_a_probe_decides_anew() -> None:

@@ -109,7 +109,7 @@ class GroupSync:
 
     async def _run_round(self, batch: set[Path]) -> dict[Path, str]:
         placement = self._placement
-        if placement is not None and placement.inline(start := self._clock()):
+        if placement is not None and placement.inline(start := self._clock(), len(batch)):
             failed = self._sync_files(batch)
             end = self._clock()
             placement.inline_took(end - start, end)

@@ -358,7 +358,7 @@ class TwinPort:
         next batch. Returns the error ("": committed)."""
         assert self._store is not None
         start = self.commit_clock()
-        if self.commit_placement.inline(start):
+        if self.commit_placement.inline(start, len(batch)):
             self.counters["outbox_commits_inline"] += 1
             failure: StorageError | None = None
             try:
