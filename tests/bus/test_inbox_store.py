@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -139,19 +140,46 @@ def test_prune_forgets_ids_after_deadline_plus_grace(path: Path) -> None:
 def test_prune_never_drops_a_pending_message(path: Path) -> None:
     with InboxStore(path, max_history=0) as store:
         accept(store, 1, deadline=NOW + 10)
-        assert store.prune(NOW + 10_000) == 1
+        assert store.prune(NOW + 10_000) == 0  # nothing forgotten: the message is kept
         assert [m.id for m in store.pending()] == [mid(1)]
         assert store.remembers(mid(1))  # still a duplicate while it is kept
 
 
-def test_a_kept_message_stays_a_duplicate_after_its_id_is_pruned(path: Path) -> None:
+def test_a_kept_message_stays_a_duplicate_past_its_deadline_plus_grace(path: Path) -> None:
     with InboxStore(path, max_history=0) as store:
         accept(store, 1, deadline=NOW + 10)
-        assert store.prune(NOW + 10_000) == 1  # the id is forgotten, the message kept
+        assert store.prune(NOW + 10_000) == 0
         # A clock stepped far back: the copy is within its deadline again.
         again = IncomingMessage(mid(1), ALICE, NOW + 10, SCHEMA, b"x")
         assert store.accept_many([again], NOW) == [False]
         assert [m.id for m in store.pending()] == [mid(1)]
+
+
+def test_an_id_trimmed_from_the_history_stays_a_duplicate_across_a_restart(
+        path: Path) -> None:
+    with InboxStore(path, grace=60.0, max_history=0) as store:
+        accept(store, 1, deadline=NOW + 10)
+        accept(store, 2, deadline=NOW + 10)
+        store.consume(mid(1), NOW + 1)
+        store.consume(mid(2), NOW + 1)
+        assert store.prune(NOW + 5) == 0
+        assert store.history(ALICE) == []  # trimmed, but its id is still remembered
+    with InboxStore(path, grace=60.0, max_history=0) as again:
+        assert not accept(again, 1, now=NOW + 6, deadline=NOW + 10)
+        assert again.accept_many([IncomingMessage(mid(2), ALICE, NOW + 10, SCHEMA, b"x")],
+                                 NOW + 6) == [False]
+        assert again.pending() == []
+        assert again.prune(NOW + 70) == 2
+        assert not again.remembers(mid(1)) and not again.remembers(mid(2))
+
+
+def test_trimming_a_message_past_its_deadline_plus_grace_forgets_its_id(path: Path) -> None:
+    with InboxStore(path, grace=60.0, max_history=1) as store:
+        for n in range(3):
+            accept(store, n, deadline=NOW + 10)
+            store.consume(mid(n), NOW + 1)
+        assert store.prune(NOW + 70) == 2  # the two oldest: trimmed and forgotten
+        assert [store.remembers(mid(n)) for n in range(3)] == [False, False, True]
 
 
 def test_prune_keeps_the_newest_history_only(path: Path) -> None:
@@ -229,10 +257,12 @@ def test_file_is_private_wal_and_accepting_is_power_safe(path: Path) -> None:
             assert mode == 0o600, (suffix, oct(mode))
         # The log's index is in this process's memory, not in a -shm file others map.
         assert not os.path.exists(f"{path}-shm")
-        # The accepting commit runs with synchronous=FULL (an fsync) ...
-        full = statements.index("PRAGMA synchronous = FULL")
-        assert full < statements.index("COMMIT") < statements.index(
+        # The accepting commit (one statement, its own transaction) runs with
+        # synchronous=FULL (an fsync) ...
+        (insert,) = [i for i, sql in enumerate(statements) if sql.startswith("INSERT")]
+        assert statements.index("PRAGMA synchronous = FULL") < insert < statements.index(
             "PRAGMA synchronous = NORMAL")
+        assert "BEGIN" not in "".join(statements)
         # ... consuming does not (kill -9 safe without it; see the module docstring).
         statements.clear()
         assert store.consume(mid(1), NOW)
@@ -274,6 +304,81 @@ def test_an_outbox_file_is_not_an_inbox(path: Path) -> None:
     OutboxStore(path).close()
     with pytest.raises(StorageError, match="not a twinmesh-inbox database"):
         InboxStore(path)
+
+
+# ---------------------------------------------------------------- migration
+
+# The layout twinmesh wrote as inbox schema version 1, as it shipped.
+V1_LAYOUT = (
+    "CREATE TABLE schema_version (kind TEXT NOT NULL, version INTEGER NOT NULL) STRICT",
+    """CREATE TABLE seen (
+        id           BLOB PRIMARY KEY,
+        forget_after REAL NOT NULL
+    ) STRICT, WITHOUT ROWID""",
+    "CREATE INDEX seen_forget ON seen (forget_after)",
+    """CREATE TABLE messages (
+        seq         INTEGER PRIMARY KEY,
+        id          BLOB NOT NULL UNIQUE,
+        source      BLOB NOT NULL,
+        reply_to    BLOB NOT NULL,
+        schema_id   INTEGER NOT NULL,
+        payload     BLOB NOT NULL,
+        deadline    REAL NOT NULL,
+        received_at REAL NOT NULL,
+        consumed_at REAL
+    ) STRICT""",
+    "CREATE INDEX messages_pending ON messages (seq) WHERE consumed_at IS NULL",
+    "CREATE INDEX messages_history ON messages (seq) WHERE consumed_at IS NOT NULL",
+    "CREATE INDEX messages_by_source ON messages (source, seq)",
+    "INSERT INTO schema_version VALUES ('twinmesh-inbox', 1)",
+)
+
+
+def write_version_1_inbox(path: Path) -> None:
+    """What version 1 left after accepting 1 and 2, consuming 2, and trimming 3 (whose
+    id it still remembered): every accepted id in `seen` as well."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in V1_LAYOUT:
+        conn.execute(statement)
+    signed_schema = SCHEMA - (1 << 64)
+    conn.executemany("INSERT INTO messages (id, source, reply_to, schema_id, payload, "
+                     "deadline, received_at, consumed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
+                         (mid(1), ALICE, mid(9), signed_schema, b"one", NOW + TTL, NOW, None),
+                         (mid(2), BOB, b"", signed_schema, b"two", NOW + TTL, NOW, NOW + 1)])
+    conn.executemany("INSERT INTO seen VALUES (?, ?)", [
+        (mid(1), NOW + TTL + 60), (mid(2), NOW + TTL + 60), (mid(3), NOW + 70)])
+    conn.close()
+    path.chmod(0o600)
+
+
+def test_a_version_1_file_is_upgraded_keeping_messages_and_dedup(path: Path) -> None:
+    write_version_1_inbox(path)
+    with InboxStore(path, grace=60.0) as store:
+        assert store.pending() == [InboxMessage(
+            id=mid(1), source=ALICE, reply_to=mid(9), schema_id=SCHEMA, payload=b"one",
+            deadline=NOW + TTL, received_at=NOW, consumed_at=None)]
+        assert [(m.payload, m.consumed_at) for m in store.history(BOB)] == [(b"two", NOW + 1)]
+        assert [store.remembers(mid(n)) for n in (1, 2, 3)] == [True, True, True]
+        assert not accept(store, 1) and not accept(store, 2)
+        assert not accept(store, 3, deadline=NOW + 10)  # trimmed, still remembered
+        assert accept(store, 4)
+        assert store.consume(mid(1), NOW + 2)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        indexes = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL")}
+        assert indexes == {"seen_forget", "messages_pending"}
+    finally:
+        conn.close()
+    # Opened again (no second upgrade): the dedup memory still ends as it did.
+    with InboxStore(path, grace=60.0, max_history=0) as again:
+        assert again.pending_count() == 1
+        assert again.prune(NOW + 70) == 1  # 3's window closed; 1 and 2 trimmed, remembered
+        assert [again.remembers(mid(n)) for n in (1, 2, 3, 4)] == [True, True, False, True]
+        assert again.prune(NOW + TTL + 60) == 2
+        assert [m.id for m in again.pending()] == [mid(4)]
 
 
 # ------------------------------------------------------------------ kill -9

@@ -481,3 +481,53 @@ async def test_a_failed_durable_commit_answers_overloaded_and_loses_nothing_acce
                 assert await a_bus.wait_status(message_id, timeout=10) == ("delivered", "")
             assert {e.id for e in store.load()} == {first, last}
             assert len(port.outbox) == 0
+
+
+async def test_an_acked_message_leaves_no_retry_timer_to_wake_the_nic(tmp_path: Path) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    with trio.fail_after(20):
+        async with alice_and_bob(tmp_path, alice, bob) as (n, a_bus, b_bus):
+            port = n["a"].port
+            fired: list[float] = []
+            handle_timer = port.outbox.handle_timer
+
+            def counted(now: float) -> Any:
+                fired.append(now)
+                return handle_timer(now)
+
+            port.outbox.handle_timer = counted  # type: ignore[method-assign]
+            message_id = await a_bus.send(bob.public, text_message("hi"), wait="delivered",
+                                          timeout=10)
+            assert (await b_bus.receive()).id == message_id
+            retry_at = time.time() + OutboxConfig().initial_retry
+            # Past the time its first retry was due: nothing is left to do, so the
+            # outbox's timer must not have fired (each firing is a wake-up of the NIC).
+            await trio.sleep(max(0.0, retry_at - time.time()) + 0.3)
+            assert fired == []
+            assert await a_bus.status(message_id) == ("delivered", "")
+
+
+async def test_a_twins_inbox_store_keeps_only_its_history_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("twinmesh.bus.client.PRUNE_INTERVAL", 0.0)  # prune at every consume
+    alice, bob = Identity.generate(), Identity.generate()
+    with trio.fail_after(20):
+        async with bus_line(tmp_path, ["a", "b"]) as n:
+            inbox = InboxStore(tmp_path / "bob-inbox.sqlite3", max_history=1)
+            async with (
+                BusClient.connect(alice, tmp_path / "a") as a_bus,
+                BusClient.connect(bob, tmp_path / "b", inbox=inbox) as b_bus,
+            ):
+                await n["a"].wait_located(bob.public)
+                ids = [await a_bus.send(bob.public, text_message(f"m{i}")) for i in range(4)]
+                got = [(await b_bus.receive()).id for _ in ids]
+                assert sorted(got) == sorted(ids)
+                # Three consumed (the fourth is consumed by the next receive): the
+                # history keeps one, and the last received still waits.
+                kept = [m.id for m in inbox.history(alice.public.raw)]
+                assert kept == got[2:]
+                # A trimmed message is still a duplicate: its id is remembered.
+                assert not inbox.accept(got[0], alice.public.raw, time.time() + 60, 1, b"x",
+                                        time.time())
+            inbox.close()

@@ -32,7 +32,8 @@ from twinmesh.proto.router import (
     Violation,
     _read_overlay,
     encode_payload_packet,
-    read_payload_packet,
+    encode_ping_packet,
+    read_flat_packet,
 )
 from twinmesh.wire import schemas
 
@@ -84,8 +85,8 @@ def packet(source: PublicKey, destination: PublicKey, hop_limit: int, kind: str,
     p.hopLimit = hop_limit
     if kind == "payload":
         p.body.payload = value
-    elif kind == "ping":
-        ping = p.body.init("ping")
+    elif kind in ("ping", "pong"):
+        ping = p.body.init(kind)
         ping.id, ping.sentAt, ping.hops = value
     else:
         code, about = value
@@ -583,7 +584,7 @@ def test_the_packet_shortcut_reads_what_pycapnp_reads_or_steps_aside(
     for _ in range(data.draw(st.integers(0, 4))):
         position = data.draw(st.integers(0, min(len(damaged) - 1, 120)))
         damaged[position] = data.draw(st.integers(0, 255))
-    fast = read_payload_packet(bytes(damaged))
+    fast = read_flat_packet(bytes(damaged))
     if fast is None:
         return
     value, hop_at = fast
@@ -594,17 +595,145 @@ def test_the_packet_shortcut_reads_what_pycapnp_reads_or_steps_aside(
 
 def test_a_forwarded_packet_changes_only_its_hop_limit() -> None:
     mesh = Mesh("abc", ["ab", "bc"])
-    sent = packet(mesh.key["a"], mesh.key["c"], 9, "payload", b"through b")
-    out = mesh.r["b"].receive(mesh.key["a"], sent, mesh.now)
-    assert out == [SendTo(mesh.key["c"], packet(mesh.key["a"], mesh.key["c"], 8, "payload",
-                                                b"through b"), control=False)]
-    # Only a payload packet of the canonical shape takes the shortcut: others are
-    # decoded and built again, with the same result on the wire.
-    ping = packet(mesh.key["a"], mesh.key["c"], 9, "ping", (7, 1.5, 0))
-    assert read_payload_packet(ping) is None
-    assert mesh.r["b"].receive(mesh.key["a"], ping, mesh.now) == [
-        SendTo(mesh.key["c"], packet(mesh.key["a"], mesh.key["c"], 8, "ping", (7, 1.5, 0)),
-               control=False)]
+    a, c = mesh.key["a"], mesh.key["c"]
+    for kind, value in (("payload", b"through b"), ("ping", (7, 1.5, 0)),
+                        ("pong", (7, 1.5, 2)), ("unreachable", ("noRoute", a))):
+        sent = packet(a, c, 9, kind, value)
+        assert mesh.r["b"].receive(a, sent, mesh.now) == [
+            SendTo(c, packet(a, c, 8, kind, value), control=False)]
+    # Payloads, pings and pongs take the flat shortcut; an unreachable is decoded by
+    # pycapnp and built again, with the same result on the wire.
+    assert read_flat_packet(packet(a, c, 9, "ping", (7, 1.5, 0))) is not None
+    assert read_flat_packet(packet(a, c, 9, "unreachable", ("noRoute", a))) is None
+
+
+def bits(value: Any) -> Any:
+    """`value` with every float as its bytes, so a NaN equals the same NaN."""
+    if isinstance(value, float):
+        return struct.pack("<d", value)
+    if isinstance(value, tuple | list):
+        return type(value)(bits(item) for item in value)
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value
+
+
+EDGE_PINGS = [
+    (ping_id, sent_at, hops)
+    for ping_id in (0, 1, 2**63, 2**64 - 1)
+    for sent_at in (0.0, -0.0, -1.5, 1.7e9, 1e308, -1e308, 5e-324, float("inf"),
+                    float("-inf"), float("nan"), struct.unpack("<d", bytes(7) + b"\xff")[0])
+    for hops in (0, 1, 255)
+]
+
+
+def test_ping_and_pong_packets_at_the_edges_are_encoded_as_pycapnp_builds_them() -> None:
+    a, d = identity("a").public, identity("d").public
+    for kind in ("ping", "pong"):
+        for hop_limit in (0, 1, HOP_LIMIT, 255):
+            for ping in EDGE_PINGS:
+                assert encode_ping_packet(a.raw, d.raw, hop_limit, kind, ping) == packet(
+                    a, d, hop_limit, kind, ping), (kind, hop_limit, ping)
+
+
+@given(kind=st.sampled_from(["ping", "pong"]), ping_id=st.integers(0, 2**64 - 1),
+       sent_at=st.floats(), hops=st.integers(0, 255), hop_limit=st.integers(0, 255),
+       source=st.binary(min_size=1, max_size=40), destination=st.binary(min_size=1, max_size=40))
+def test_a_ping_or_pong_packet_is_encoded_as_pycapnp_builds_it(
+    kind: str, ping_id: int, sent_at: float, hops: int, hop_limit: int, source: bytes,
+    destination: bytes,
+) -> None:
+    message = schemas.route.Overlay.new_message()
+    p = message.init("packet")
+    p.source, p.destination, p.hopLimit = source, destination, hop_limit
+    ping = p.body.init(kind)
+    ping.id, ping.sentAt, ping.hops = ping_id, sent_at, hops
+    assert encode_ping_packet(source, destination, hop_limit, kind, (ping_id, sent_at, hops)) \
+        == message.to_bytes()
+
+
+def test_ping_and_pong_at_the_edges_read_back_as_pycapnp_reads_them() -> None:
+    a, d = identity("a").public, identity("d").public
+    for kind in ("ping", "pong"):
+        for ping in EDGE_PINGS:
+            data = packet(a, d, 7, kind, ping)
+            fast = read_flat_packet(memoryview(data))
+            assert fast is not None
+            value, hop_at = fast
+            assert bits(value) == bits(
+                schemas.decode(schemas.route.Overlay, data, _read_overlay)[1])
+            assert bits(value) == (a.raw, d.raw, 7, (kind, bits(ping)))
+            assert data[hop_at] == 7
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(["ping", "pong"]), ping=st.sampled_from(EDGE_PINGS),
+       data=st.data())
+def test_the_ping_shortcut_reads_what_pycapnp_reads_or_steps_aside(
+    kind: str, ping: tuple[int, float, int], data: st.DataObject
+) -> None:
+    damaged = bytearray(packet(identity("a").public, identity("d").public, 9, kind, ping))
+    for _ in range(data.draw(st.integers(0, 4))):
+        position = data.draw(st.integers(0, len(damaged) - 1))
+        damaged[position] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        del damaged[data.draw(st.integers(0, len(damaged))):]
+    fast = read_flat_packet(bytes(damaged))
+    if fast is None:
+        return
+    value, hop_at = fast
+    # Never accepts what pycapnp refuses (decode raises DecodeError then).
+    assert bits(schemas.decode(schemas.route.Overlay, bytes(damaged), _read_overlay)) == (
+        "packet", bits(value))
+    assert damaged[hop_at] == value[2]
+
+
+def test_a_truncated_ping_is_a_violation() -> None:
+    router, keys = lone_router()
+    data = packet(keys["a"], router.key, HOP_LIMIT, "ping", (5, 1.0, 0))
+    for end in range(len(data)):
+        (violation,) = router.receive(keys["a"], data[:end], 0.0)
+        assert isinstance(violation, Violation)
+        assert violation.reason and "\n" not in violation.reason
+    assert router.stats["packets_delivered"] == 0
+
+
+def _resized_ping(data: bytes, data_words: int) -> bytes:
+    """`data` (a flat ping packet, Ping last) with its Ping grown or shrunk to
+    `data_words` words, as a newer or older writer would send it."""
+    words = len(data) // 8 - 1 - 3 + data_words
+    grown = (data[:-24] + data[-24:] + bytes(8 * data_words))[: (words + 1) * 8]
+    (pointer,) = struct.unpack_from("<Q", grown, 56)
+    pointer = pointer & ~(0xFFFF << 32) | data_words << 32
+    return struct.pack("<II", 0, words) + grown[8:56] + struct.pack("<Q", pointer) + grown[64:]
+
+
+def test_a_ping_of_another_size_is_left_to_pycapnp_and_still_answered() -> None:
+    mesh = Mesh("ab", ["ab"])
+    a, b = mesh.key["a"], mesh.key["b"]
+    canonical = packet(a, b, HOP_LIMIT, "ping", (11, 2.5, 0))
+    for data_words, answer in ((4, (11, 2.5, 1)), (2, (11, 2.5, 1)), (1, (11, 0.0, 1))):
+        data = _resized_ping(canonical, data_words)
+        assert read_flat_packet(data) is None
+        assert mesh.r["b"].receive(a, data, mesh.now) == [
+            SendTo(a, packet(b, a, HOP_LIMIT, "pong", answer), control=False)]
+
+
+def test_a_ping_is_answered_with_the_pong_pycapnp_would_build() -> None:
+    mesh = Mesh("abc", ["ab", "bc"])
+    a, b, c = mesh.key["a"], mesh.key["b"], mesh.key["c"]
+    (sent,) = mesh.r["a"].ping(c, 2**64 - 1, -3.25)
+    assert sent == SendTo(b, packet(a, c, HOP_LIMIT, "ping", (2**64 - 1, -3.25, 0)),
+                          control=False)
+    (forwarded,) = mesh.r["b"].receive(a, sent.data, 0.0)
+    assert forwarded == SendTo(c, packet(a, c, HOP_LIMIT - 1, "ping", (2**64 - 1, -3.25, 0)),
+                               control=False)
+    assert mesh.r["c"].receive(b, forwarded.data, 0.0) == [
+        SendTo(b, packet(c, a, HOP_LIMIT, "pong", (2**64 - 1, -3.25, 2)), control=False)]
+    # A ping that claims 255 hops already is answered with the hops it made, not those.
+    late = packet(a, c, HOP_LIMIT - 1, "ping", (1, 0.0, 255))
+    assert mesh.r["c"].receive(b, late, 0.0) == [
+        SendTo(b, packet(c, a, HOP_LIMIT, "pong", (1, 0.0, 2)), control=False)]
 
 
 def test_packet_counters_say_what_became_of_each_packet() -> None:

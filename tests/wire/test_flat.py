@@ -159,3 +159,46 @@ def test_fields_past_an_older_struct_read_empty() -> None:
     layout = flat.root(one_field)
     assert layout is not None
     assert flat.blobs_at(one_field, layout, 2) == [b"token", b""]
+
+
+Update = schemas.route.Update  # a struct (Announcement) behind the root's first pointer
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seqno=st.integers(0, 2**64 - 1), origin=st.binary(max_size=40), data=st.data())
+def test_a_nested_struct_is_found_where_pycapnp_finds_it_or_left_to_it(
+    seqno: int, origin: bytes, data: st.DataObject
+) -> None:
+    built = Update.new_message()
+    built.announcement.origin = origin
+    built.announcement.seqno = seqno
+    damaged = bytearray(built.to_bytes())
+    for _ in range(data.draw(st.integers(0, 3))):
+        position = data.draw(st.integers(0, len(damaged) - 1))
+        damaged[position] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        del damaged[data.draw(st.integers(0, len(damaged))):]
+    damaged_bytes = bytes(damaged)
+    layout = flat.root(damaged_bytes)
+    inner = flat.struct_at(damaged_bytes, layout[2]) if layout and layout[3] else None
+    if inner is None or inner[1] < 1:
+        return
+    try:
+        slow = schemas.decode(Update, damaged_bytes, lambda r: int(r.announcement.seqno))
+    except DecodeError:
+        slow = None
+    assert flat.U64.unpack_from(damaged_bytes, inner[0])[0] == slow
+
+
+def test_a_pointer_that_is_not_a_struct_in_bounds_is_left_to_pycapnp() -> None:
+    def with_first_pointer(pointer: int) -> bytes:
+        # Root struct of no data and one pointer, then a word for that pointer to reach.
+        return flat.U64.pack(3 << 32) + flat.U64.pack(flat.struct_pointer(0, 0, 1)) \
+            + flat.U64.pack(pointer) + bytes(8)
+
+    assert flat.struct_at(with_first_pointer(flat.struct_pointer(0, 1, 0)), 16) == (24, 1, 32, 0)
+    assert flat.struct_at(with_first_pointer(0), 16) is None  # null
+    assert flat.struct_at(with_first_pointer(1 | 2 << 32 | 8 << 35), 16) is None  # a list
+    assert flat.struct_at(with_first_pointer(2), 16) is None  # a far pointer
+    assert flat.struct_at(with_first_pointer(flat.struct_pointer(0, 2, 0)), 16) is None
+    assert flat.struct_at(with_first_pointer(flat.struct_pointer(-3, 1, 0)), 16) is None

@@ -66,6 +66,9 @@ from twinmesh.wire.framing import frame_prefix
 TWINS_SOCKET = "twins.sock"
 LOCATION_TTL = 3600.0
 REQUEST_TIMEOUT = 30.0
+# How often the inbox store forgets expired ids and trims its history (`prune`): a
+# bounded file at the cost of one short transaction a minute per twin.
+PRUNE_INTERVAL = 60.0
 # Envelope bytes and items in one `submits` frame (the NIC reads frames up to 512 KiB;
 # it starts on one frame while later ones are on their way).
 SUBMITS_BATCH = 256 * 1024
@@ -186,6 +189,7 @@ class BusClient:
         self._replies: dict[bytes, trio.MemorySendChannel[Received]] = {}
         self._incoming_in, self._incoming_out = trio.open_memory_channel[Received](1024)
         self._seen: dict[bytes, float] = {}  # dedup without an inbox store
+        self._prune_at = time.time() + PRUNE_INTERVAL  # when the inbox store is pruned
         self._seen_expiry: list[tuple[float, bytes]] = []  # heap of (deadline, id) in _seen
         self._closed = False
         self._queued: set[bytes] = set()  # ids waiting in the in-memory incoming queue
@@ -459,7 +463,16 @@ class BusClient:
         last, self._last = self._last, None
         if last is not None and self.inbox is not None:
             # No fsync (see inbox_store): cheaper inline than a thread hop.
-            self.inbox.consume(last, time.time())
+            self._consume(self.inbox, last, time.time())
+
+    def _consume(self, inbox: InboxStore, message_id: bytes, now: float) -> None:
+        inbox.consume(message_id, now)
+        if now >= self._prune_at:
+            self._prune_at = now + PRUNE_INTERVAL
+            try:
+                inbox.prune(now)
+            except StorageError as exc:  # nothing is lost: the next prune tries again
+                self.log.warning("inbox not pruned", reason=str(exc))
 
     # ------------------------------------------------------------ internals
 
@@ -706,7 +719,7 @@ class BusClient:
                 waiter.send_nowait(received)
             try:
                 if self.inbox is not None:
-                    self.inbox.consume(received.id, now)
+                    self._consume(self.inbox, received.id, now)
             finally:
                 self._queued.discard(received.id)
             return

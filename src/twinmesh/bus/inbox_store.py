@@ -8,10 +8,13 @@ stops retrying. The application takes messages with `pending()` and says it is d
 with `consume()`; a message accepted but not consumed survives a restart and is
 offered again, so nothing acked is ever lost.
 
-Ids are remembered until `deadline + grace` (`prune` forgets them): within its
-deadline a replay is a duplicate; after it, `accept` refuses it as expired, so the
-store never needs to remember an id forever. `grace` covers a clock that steps back
-a little after a prune.
+Ids are remembered while their message is kept, and after that until `deadline +
+grace` (`prune` forgets them): within its deadline a replay is a duplicate; after it,
+`accept` refuses it as expired, so the store never needs to remember an id forever.
+`grace` covers a clock that steps back a little after a prune. A kept message is its
+own dedup memory (its id is unique), so accepting one writes one row; only when
+`prune` trims it from the history does its id move to the `seen` table, if its
+`deadline + grace` is still ahead.
 
 Consumed messages stay as history (`history(peer)`, for chat views), the newest
 `max_history` of them; `prune` trims the rest. At most `max_pending` messages wait
@@ -46,7 +49,7 @@ from twinmesh.storage import (
 )
 
 STORE_KIND = "twinmesh-inbox"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_GRACE = 60.0
 DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_HISTORY = 10_000
@@ -54,12 +57,12 @@ DEFAULT_MAX_HISTORY = 10_000
 _U64 = 1 << 64
 _I64 = 1 << 63
 
-# Version 1. A later version adds a migration step in storage._check_schema; never
-# edit these.
+# The layout a new file gets (version 2). An older file is brought to it by
+# `_MIGRATIONS`; never edit a step that has shipped.
 # STRICT tables (sqlite >= 3.37) refuse a value of the wrong type at insert.
 _SCHEMA = (
     "CREATE TABLE schema_version (kind TEXT NOT NULL, version INTEGER NOT NULL) STRICT",
-    # The dedup memory: every accepted id until its deadline + grace.
+    # The dedup memory of messages no longer kept: their ids until deadline + grace.
     """CREATE TABLE seen (
         id           BLOB PRIMARY KEY,
         forget_after REAL NOT NULL
@@ -77,17 +80,29 @@ _SCHEMA = (
         received_at REAL NOT NULL,
         consumed_at REAL
     ) STRICT""",
+    # Few rows (the pending ones): cheap to keep, and `pending()` needs no scan. The
+    # history and per-peer reads walk the table newest first instead: an index for
+    # each cost every message an insert into it (and every consume a move), for reads
+    # nothing on the message path makes.
     "CREATE INDEX messages_pending ON messages (seq) WHERE consumed_at IS NULL",
-    "CREATE INDEX messages_history ON messages (seq) WHERE consumed_at IS NOT NULL",
-    "CREATE INDEX messages_by_source ON messages (source, seq)",
 )
 
+# Steps from version N to N + 1, run once at open in one transaction.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # Version 1 kept every accepted id in `seen` too, and indexed the history.
+    1: (
+        "DROP INDEX IF EXISTS messages_history",
+        "DROP INDEX IF EXISTS messages_by_source",
+        "DELETE FROM seen WHERE id IN (SELECT id FROM messages)",
+    ),
+}
+
 _COLUMNS = "id, source, reply_to, schema_id, payload, deadline, received_at, consumed_at"
-# A message row unless its id is known (see `_known`).
+# A message row unless its id is known (see `_known`): one statement, whose row count
+# says whether it was new.
 _INSERT_IF_NEW = (
     f"INSERT INTO messages ({_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ?, NULL "
-    "WHERE NOT EXISTS (SELECT 1 FROM seen WHERE id = ?) "
-    "AND NOT EXISTS (SELECT 1 FROM messages WHERE id = ?)"
+    "WHERE NOT EXISTS (SELECT 1 FROM seen WHERE id = ?) ON CONFLICT (id) DO NOTHING"
 )
 
 
@@ -145,13 +160,21 @@ class InboxStore(SqliteStore):
         # _pending mirrors the number of unconsumed rows (this object is the only
         # writer of the file); like the connection, used only with _lock held.
         assert self._conn is not None
+        doing = "cannot upgrade the inbox"
         try:
+            _migrate(self._conn)
+            doing = "cannot read the inbox"
             (pending,) = self._conn.execute(
                 "SELECT count(*) FROM messages WHERE consumed_at IS NULL"
             ).fetchone()
         except sqlite3.Error as exc:
+            rollback(self._conn)
             self._conn.close()
-            raise storage_error(path, "cannot read the inbox", exc) from None
+            raise storage_error(path, doing, exc) from None
+        except BaseException:
+            rollback(self._conn)
+            self._conn.close()
+            raise
         self._pending = int(pending)
 
     # ------------------------------------------------------------------ write
@@ -174,40 +197,14 @@ class InboxStore(SqliteStore):
         Raises StorageError when `max_pending` messages already wait ("inbox full")
         or the disk or file fails: answer `overloaded`, the sender retries later.
         """
-        if not 0 <= schema_id < _U64:
-            raise ValueError(f"schema id {schema_id} is not an unsigned 64-bit integer")
-        if now > deadline:
-            return False
-        with self._lock:
-            conn = self._connection()
-            try:
-                if self._known(conn, message_id):
-                    return False
-                if self._pending >= self.max_pending:
-                    raise StorageError(
-                        f"{self.path}: inbox full ({self._pending} messages not yet "
-                        "consumed by the application)"
-                    )
-                with synchronous_full(conn):
-                    conn.execute("BEGIN IMMEDIATE")
-                    conn.execute(
-                        "INSERT INTO seen (id, forget_after) VALUES (?, ?)",
-                        (message_id, deadline + self.grace),
-                    )
-                    conn.execute(
-                        f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                        (message_id, source, reply_to, _to_i64(schema_id), payload,
-                         deadline, now),
-                    )
-                    conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                rollback(conn)
-                raise storage_error(self.path, "cannot write the inbox", exc) from None
-            except BaseException:
-                rollback(conn)
-                raise
-            self._pending += 1
-            return True
+        (answer,) = self.accept_many(
+            [IncomingMessage(message_id, source, deadline, schema_id, payload, reply_to)], now)
+        if answer is None:
+            raise StorageError(
+                f"{self.path}: inbox full ({self._pending} messages not yet "
+                "consumed by the application)"
+            )
+        return answer
 
     def accept_many(self, messages: list[IncomingMessage], now: float, *,
                     power_safe: bool = True) -> list[bool | None]:
@@ -238,9 +235,13 @@ class InboxStore(SqliteStore):
 
     def _insert_new(self, conn: sqlite3.Connection, messages: list[IncomingMessage],
                     now: float, answers: list[bool | None]) -> int:
-        """`accept_many`'s transaction; returns the new pending count."""
+        """`accept_many`'s transaction; returns the new pending count. A single
+        message (the usual burst at a steady rate) is one statement, its own
+        transaction: no BEGIN and COMMIT to run."""
         pending = self._pending
-        conn.execute("BEGIN IMMEDIATE")
+        grouped = len(messages) > 1
+        if grouped:
+            conn.execute("BEGIN IMMEDIATE")
         seen_now: set[bytes] = set()
         for message in messages:
             if not 0 <= message.schema_id < _U64:
@@ -252,20 +253,17 @@ class InboxStore(SqliteStore):
             if pending >= self.max_pending:
                 answers.append(False if self._known(conn, message.id) else None)
                 continue
-            # Inserted only when new (the `_known` test inside the INSERT: one
-            # statement fewer per message).
             inserted = conn.execute(_INSERT_IF_NEW, (
                 message.id, message.source, message.reply_to, _to_i64(message.schema_id),
-                message.payload, message.deadline, now, message.id, message.id)).rowcount
+                message.payload, message.deadline, now, message.id)).rowcount
             if not inserted:
                 answers.append(False)
                 continue
-            conn.execute("INSERT INTO seen (id, forget_after) VALUES (?, ?)",
-                         (message.id, message.deadline + self.grace))
             seen_now.add(message.id)
             pending += 1
             answers.append(True)
-        conn.execute("COMMIT")
+        if grouped:
+            conn.execute("COMMIT")
         return pending
 
     def consume(self, message_id: bytes, now: float) -> bool:
@@ -289,7 +287,8 @@ class InboxStore(SqliteStore):
 
     def prune(self, now: float) -> int:
         """Forget the ids whose deadline + grace has passed, and the history beyond
-        `max_history`. Returns how many ids were forgotten. Call it now and then."""
+        `max_history`. Returns how many ids are no longer remembered (a message still
+        kept is remembered, whatever its deadline). Call it now and then."""
         with self._lock:
             conn = self._connection()
             try:
@@ -297,12 +296,23 @@ class InboxStore(SqliteStore):
                 forgotten = conn.execute(
                     "DELETE FROM seen WHERE forget_after <= ?", (now,)
                 ).rowcount
-                conn.execute(
-                    """DELETE FROM messages WHERE consumed_at IS NOT NULL AND seq <= (
-                           SELECT seq FROM messages WHERE consumed_at IS NOT NULL
-                           ORDER BY seq DESC LIMIT 1 OFFSET ?)""",
-                    (self.max_history,),
-                )
+                oldest_kept = conn.execute(
+                    "SELECT seq FROM messages WHERE consumed_at IS NOT NULL "
+                    "ORDER BY seq DESC LIMIT 1 OFFSET ?", (self.max_history,),
+                ).fetchone()
+                if oldest_kept is not None:
+                    # The trimmed messages' ids stay remembered until deadline + grace.
+                    moved = conn.execute(
+                        "INSERT OR IGNORE INTO seen (id, forget_after) "
+                        "SELECT id, deadline + ? FROM messages WHERE consumed_at IS NOT NULL "
+                        "AND seq <= ? AND deadline + ? > ?",
+                        (self.grace, oldest_kept[0], self.grace, now),
+                    ).rowcount
+                    trimmed = conn.execute(
+                        "DELETE FROM messages WHERE consumed_at IS NOT NULL AND seq <= ?",
+                        (oldest_kept[0],),
+                    ).rowcount
+                    forgotten += trimmed - moved
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 rollback(conn)
@@ -346,8 +356,8 @@ class InboxStore(SqliteStore):
 
     @staticmethod
     def _known(conn: sqlite3.Connection, message_id: bytes) -> bool:
-        # `seen` answers within deadline + grace; `messages` for a message still
-        # pending (or kept as history) after that.
+        # `messages` for a message kept (pending or history); `seen` for one trimmed
+        # from the history within its deadline + grace.
         row = conn.execute(
             "SELECT EXISTS (SELECT 1 FROM seen WHERE id = ?) "
             "OR EXISTS (SELECT 1 FROM messages WHERE id = ?)",
@@ -367,6 +377,20 @@ class InboxStore(SqliteStore):
         if reverse:
             rows.reverse()
         return [_message(row) for row in rows]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file of an older version to SCHEMA_VERSION (`open_database` checked it
+    is not newer), keeping every message and every remembered id."""
+    (version,) = conn.execute("SELECT version FROM schema_version").fetchone()
+    if version == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    for step in range(version, SCHEMA_VERSION):
+        for statement in _MIGRATIONS[step]:
+            conn.execute(statement)
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+    conn.execute("COMMIT")
 
 
 def _to_i64(value: int) -> int:

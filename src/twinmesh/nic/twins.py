@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import time
 from collections import defaultdict, deque
@@ -99,6 +100,7 @@ PACKET_BATCH = 256 * 1024
 # cost more CPU per message in every process (more wake-ups, commits and writes) than
 # they gain by letting the next process start earlier.
 BATCH_ITEMS = 1024
+REARM_SLACK = 0.005  # seconds: a later outbox timer is moved only by more
 NOTICE_CODES = frozenset({"offline", "unknownTwin"})  # what a destination NIC may answer
 MAX_ENVELOPE = 96 * 1024  # a 64 KiB payload plus header and sealing overhead
 # The largest frame a twin may send: a `submits` list of envelopes (the client keeps
@@ -323,12 +325,20 @@ class TwinPort:
                 await trio.sleep(TIMER_ERROR_PAUSE)
 
     def _rearm(self) -> None:
+        # Later too, not only earlier: every message sets a retry timer that its ack
+        # makes moot, and a timer left at the moot time wakes the process (on a busy
+        # box, a wake-up costs ~50x the heap push of moving it). Moves under
+        # REARM_SLACK are not worth even the push.
         scope = self._timer_scope
+        if scope is None:
+            return
         deadline = self.outbox.get_timer()
-        if scope is not None and deadline is not None:
+        if deadline is None:
+            wake = math.inf
+        else:
             wake = trio.current_time() + max(0.0, deadline - _unix_now())
-            if wake < scope.deadline:  # setting it costs, even to the same value
-                scope.deadline = wake
+        if wake < scope.deadline or wake > scope.deadline + REARM_SLACK:
+            scope.deadline = wake
 
     async def _writer(self) -> None:
         """Group commit: everything persisted while the last commit ran goes in one;

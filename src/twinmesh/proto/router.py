@@ -258,17 +258,18 @@ class Router:
         if neighbor is None:
             return [Violation(peer, "overlay traffic from a peer that is not a neighbour")]
         out: list[Output]
-        # The hot path: a payload packet in canonical form, read through a view so that
-        # a packet only passing through is copied once, into the packet forwarded.
+        # The hot path: a payload, ping or pong packet in canonical form, read through
+        # a view so that a packet only passing through is copied once, into the packet
+        # forwarded.
         view = memoryview(data)
-        fast = read_payload_packet(view)
+        fast = read_flat_packet(view)
         if fast is not None:
-            (source, destination, hop_limit, (_, payload)), at = fast
+            (source, destination, hop_limit, (kind, value)), at = fast
             destination = bytes(destination)
-            if destination == self.key.raw:
-                payload = bytes(payload)
+            if kind == "payload" and destination == self.key.raw:
+                value = bytes(value)
             out = []
-            packet = (bytes(source), destination, hop_limit, ("payload", payload))
+            packet = (bytes(source), destination, hop_limit, (kind, value))
             self._receive_packet(peer, packet, now, out, raw=(view, at))
             return out
         try:
@@ -854,14 +855,19 @@ def _feasible(fd: tuple[int, int] | None, seqno: int, metric: int) -> bool:
     return seqno > fd[0] or (seqno == fd[0] and metric < fd[1])
 
 
-# An Overlay message holding a payload packet, as pycapnp lays it out: segment table,
-# root pointer, Overlay (tag `packet`, a pointer to the Packet right after it), Packet
-# (hop limit, body tag `payload`; source, destination and payload pointers), blobs.
-_PAYLOAD_HEAD = struct.Struct("<IIQH6xQBxH4x3Q")
+# An Overlay message holding a packet, as pycapnp lays it out: segment table, root
+# pointer, Overlay (tag `packet`, a pointer to the Packet right after it), Packet (hop
+# limit, body tag; source, destination and body pointers), then what the pointers
+# point to in the order they were set: the two addresses, then the payload or Ping.
+_PACKET_HEAD = struct.Struct("<IIQH6xQBxH4x3Q")
 _OVERLAY_ROOT = flat.struct_pointer(0, 1, 1)
 _PACKET_POINTER = flat.struct_pointer(0, 1, 3)
 _PACKET_TAG = 1
 _PAYLOAD_TAG = 0
+_PING_TAGS = {"ping": 1, "pong": 2}
+_PING_KINDS = {tag: kind for kind, tag in _PING_TAGS.items()}
+_PING = struct.Struct("<QdB7x")  # Ping: id, sentAt, hops; three data words
+_PING_WORDS = _PING.size // 8
 _HOP_BYTES = [bytes((hops,)) for hops in range(256)]
 
 
@@ -870,55 +876,81 @@ def encode_payload_packet(source: bytes, destination: bytes, hop_limit: int,
     """An `Overlay` packet carrying `payload`, byte for byte what pycapnp builds."""
     body, pointers = flat.lay_out((source, destination, payload))
     words = 7 + sum(len(b) for b in body) // 8
-    return b"".join((_PAYLOAD_HEAD.pack(0, words, _OVERLAY_ROOT, _PACKET_TAG, _PACKET_POINTER,
-                                        hop_limit, _PAYLOAD_TAG, *pointers), *body))
+    return b"".join((_PACKET_HEAD.pack(0, words, _OVERLAY_ROOT, _PACKET_TAG, _PACKET_POINTER,
+                                       hop_limit, _PAYLOAD_TAG, *pointers), *body))
 
 
-def read_payload_packet(
+def encode_ping_packet(source: bytes, destination: bytes, hop_limit: int, kind: str,
+                       ping: tuple[int, float, int]) -> bytes:
+    """An `Overlay` packet whose body is `kind` ("ping" or "pong") holding `ping`
+    (id, sentAt, hops), byte for byte what pycapnp builds for non-empty addresses
+    (pycapnp points an empty one at a zero-length list, this a null pointer: both read
+    back as b"")."""
+    # The empty third blob only makes the address pointers count the Ping's pointer.
+    body, (source_pointer, destination_pointer, _) = flat.lay_out((source, destination, b""))
+    blob_words = sum(len(b) for b in body) // 8
+    return b"".join((
+        _PACKET_HEAD.pack(0, 7 + blob_words + _PING_WORDS, _OVERLAY_ROOT, _PACKET_TAG,
+                          _PACKET_POINTER, hop_limit, _PING_TAGS[kind], source_pointer,
+                          destination_pointer, flat.struct_pointer(blob_words, _PING_WORDS, 0)),
+        *body, _PING.pack(*ping),
+    ))
+
+
+def read_flat_packet(
     data: Any,
 ) -> tuple[tuple[Any, Any, int, tuple[str, Any]], int] | None:
-    """A payload packet in the canonical flat layout (what `encode_payload_packet` and
-    pycapnp write) as `_read_overlay` returns it, with the byte offset of its hop limit;
-    None for anything else, which pycapnp then decodes. `data`: bytes, or a memoryview
-    (whose slices, the fields returned, are views too)."""
+    """A payload, ping or pong packet in the canonical flat layout (what the encoders
+    above and pycapnp write) as `_read_overlay` returns it, with the byte offset of its
+    hop limit; None for anything else, which pycapnp then decodes. `data`: bytes, or a
+    memoryview (whose slices, the addresses and payload returned, are views too)."""
     layout = flat.root(data)
     if layout is None or layout[1] != 1 or layout[3] != 1 \
             or flat.union_tag(data, layout) != _PACKET_TAG:
         return None
     packet = flat.struct_at(data, layout[2])
-    if packet is None or packet[1] != 1 or packet[3] != 3 \
-            or flat.union_tag(data, packet, 1) != _PAYLOAD_TAG:
+    if packet is None or packet[1] != 1 or packet[3] != 3:
         return None
     start, _, pointers, _ = packet
+    (tag,) = flat.U16.unpack_from(data, start + 2)  # the body's tag, after the hop limit
     source = flat.blob_at(data, pointers)
     destination = flat.blob_at(data, pointers + 8)
-    payload = flat.blob_at(data, pointers + 16)
-    if source is None or destination is None or payload is None:
+    if source is None or destination is None:
         return None
-    return (source, destination, data[start], ("payload", payload)), start
+    body: tuple[str, Any]
+    if tag == _PAYLOAD_TAG:
+        payload = flat.blob_at(data, pointers + 16)
+        if payload is None:
+            return None
+        body = ("payload", payload)
+    else:
+        kind = _PING_KINDS.get(tag)
+        if kind is None:
+            return None
+        # Only a Ping of exactly its own size: an older or newer writer's goes to pycapnp.
+        ping = flat.struct_at(data, pointers + 16)
+        if ping is None or ping[1] != _PING_WORDS or ping[3] != 0:
+            return None
+        body = (kind, _PING.unpack_from(data, ping[0]))
+    return (source, destination, data[start], body), start
 
 
 def _encode_packet(packet: tuple[bytes, bytes, int, tuple[str, Any]]) -> bytes:
     source, destination, hop_limit, (kind, value) = packet
     if kind == "payload":
         return encode_payload_packet(source, destination, hop_limit, value)
+    if kind in _PING_TAGS:
+        return encode_ping_packet(source, destination, hop_limit, kind, value)
     message = _route.Overlay.new_message()
     p = message.init("packet")
     p.source = source
     p.destination = destination
     p.hopLimit = hop_limit
-    body = p.body
-    if kind == "payload":
-        body.payload = value
-    elif kind in ("ping", "pong"):
-        ping = body.init(kind)
-        ping.id, ping.sentAt, ping.hops = value
-    else:
-        code, destination_raw, ping_id = value
-        unreachable = body.init("unreachable")
-        unreachable.code = code
-        unreachable.destination = destination_raw
-        unreachable.pingId = ping_id
+    code, destination_raw, ping_id = value
+    unreachable = p.body.init("unreachable")
+    unreachable.code = code
+    unreachable.destination = destination_raw
+    unreachable.pingId = ping_id
     return bytes(message.to_bytes())
 
 
