@@ -227,7 +227,7 @@ def _check_schema(
                     f"{path}: written by a newer twinmesh (schema {row[1]}, "
                     f"this one reads up to {version})"
                 )
-            # row[1] < version: run the migrations here when version 2 exists.
+            # row[1] < version: the store migrates it once open (see inbox_store._migrate).
         conn.execute("COMMIT")
     except BaseException:
         rollback(conn)
