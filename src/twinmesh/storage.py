@@ -124,7 +124,7 @@ def _transaction(conn: sqlite3.Connection, run: Callable[[sqlite3.Connection], T
 
 def open_database(
     path: Path, kind: str, version: int, schema: tuple[str, ...], *,
-    max_bytes: int | None = None, exclusive: bool = True,
+    max_bytes: int | None = None, exclusive: bool = True, page_size: int | None = None,
 ) -> sqlite3.Connection:
     """Open (creating with mode 0600) a store file of `kind`, WAL, synchronous=NORMAL:
     a commit survives the process being killed (the log is in the kernel's cache), but
@@ -133,6 +133,8 @@ def open_database(
     `exclusive` (the default): this connection is the only one until it is closed (see
     the module docstring); False lets other connections, in this process or others,
     read and write the file meanwhile, at the cost of locking every transaction.
+    `page_size` (a power of two, 512-65536) applies to a file this call creates; an
+    existing file keeps the page size it was created with.
 
     Raises StorageError naming the file when it cannot be created or opened, is held
     by another connection, is not a database, is corrupt, or holds another kind of
@@ -148,6 +150,9 @@ def open_database(
     except sqlite3.Error as exc:
         raise storage_error(path, "cannot open the database", exc) from None
     try:
+        if page_size is not None:
+            # Only an empty file takes it, and only before it is put in WAL mode.
+            conn.execute(f"PRAGMA page_size = {int(page_size)}")
         if exclusive:
             # Before the first read: sqlite keeps the log's index in heap memory only
             # if the connection is exclusive when it first opens the log.
@@ -158,8 +163,8 @@ def open_database(
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA journal_size_limit = 16777216")  # shrink the log after bursts
         if max_bytes is not None:
-            (page_size,) = conn.execute("PRAGMA page_size").fetchone()
-            conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
+            (page,) = conn.execute("PRAGMA page_size").fetchone()
+            conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page)}")
         _check_schema(conn, path, kind, version, schema)
     except sqlite3.Error as exc:
         conn.close()

@@ -9,6 +9,7 @@ reads and what it answers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,7 +20,8 @@ import trio
 import trio.testing
 
 from twinmesh.bus.client import REQUEST_TIMEOUT, BusClient, BusError
-from twinmesh.bus.crypto import MAX_PAYLOAD, read_header
+from twinmesh.bus.crypto import MAX_PAYLOAD, TwinCrypto, read_header
+from twinmesh.bus.inbox_store import InboxStore
 from twinmesh.carriers.unix import serve_unix
 from twinmesh.control.framed import FramedStream
 from twinmesh.identity.keys import Identity
@@ -203,3 +205,93 @@ async def test_waits_for_a_status_end_at_their_own_timeouts(
         assert ended["short"][1][0] == ended["long"][1][0] == "queued"
         assert ended["delivered"][1] == ("delivered", "")
         assert 25.0 <= ended["delivered"][0] < 26.0
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps of the tasks whose name ends with `suffix`."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.suffix):
+            self.steps += 1
+
+
+async def test_sends_made_one_at_a_time_go_out_without_waking_the_writer_task(
+    tmp_path: Path
+) -> None:
+    """Each goes out at once from the sending task: no other task of the client runs
+    for it (a task switch is a turn of the event loop, per message)."""
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            await bus.send(BOB, _text(10))
+            writer = _Steps("BusClient._writer")
+            trio.lowlevel.add_instrument(writer)
+            try:
+                for _ in range(10):
+                    await bus.send(BOB, _text(10))
+            finally:
+                trio.lowlevel.remove_instrument(writer)
+            assert len(nic.submitted) == 11
+            assert writer.steps == 0
+
+
+async def test_status_changes_of_one_frame_reach_on_statuses_together(
+    tmp_path: Path
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            calls: list[list[tuple[bytes, str, str]]] = []
+            bus.on_statuses = calls.append
+            first = await bus.send(BOB, _text(10))
+            second = await bus.send(BOB, _text(10))
+            assert nic.framed is not None
+            message = _local.LocalMessage.new_message()
+            updates = message.init("statusUpdates", 2)
+            for update, message_id in zip(updates, (first, second), strict=True):
+                update.messageId, update.status = message_id, "delivered"
+            await nic.framed.send(message.to_bytes())
+            assert await bus.wait_status(second, timeout=TIMEOUT) == ("delivered", "")
+            assert calls[-1] == [(first, "delivered", ""), (second, "delivered", "")]
+
+
+async def test_a_message_on_message_takes_is_consumed_and_the_rest_reach_receive(
+    tmp_path: Path
+) -> None:
+    me, peer = Identity.generate(), Identity.generate()
+    nic = ScriptedNic()
+    path = tmp_path / "twins.sock"
+    inbox = InboxStore(tmp_path / "inbox.sqlite3")
+    sealer = TwinCrypto(peer)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_unix, path, nic.serve)
+            async with BusClient.connect(me, path, inbox=inbox) as bus:
+                taken: list[bytes] = []
+
+                def on_message(received: Any) -> bool:
+                    if received.payload == _text(1).to_bytes():
+                        taken.append(received.id)
+                        return True
+                    return False
+
+                bus.on_message = on_message
+                envelopes = [sealer.seal_message(me.public, _text(size).to_bytes(),
+                                                 _text(size).schema.node.id,
+                                                 now=time.time())[0]
+                             for size in (1, 2)]
+                message = _local.LocalMessage.new_message()
+                listed = message.init("deliveries", 2)
+                for i, envelope in enumerate(envelopes):
+                    listed[i] = envelope
+                assert nic.framed is not None
+                await nic.framed.send(message.to_bytes())
+                received = await bus.receive()
+                assert received.payload == _text(2).to_bytes()
+                assert taken == [read_header(envelopes[0]).id]
+                # Handled there and then: consumed, never offered again.
+                assert [m.id for m in inbox.pending()] == [received.id]
+            nursery.cancel_scope.cancel()
+    inbox.close()

@@ -17,8 +17,15 @@ import trio
 
 from twinmesh.errors import StorageError
 from twinmesh.identity.keys import Identity
-from twinmesh.nic.outbox_store import OutboxStore
+from twinmesh.nic.outbox_store import (
+    _SCHEMA,
+    PAGE_SIZE,
+    SCHEMA_VERSION,
+    STORE_KIND,
+    OutboxStore,
+)
 from twinmesh.proto.outbox import Entry, Forget, Persist, Status, Transmit
+from twinmesh.storage import open_database
 
 ALICE = Identity.generate().public
 BOB = Identity.generate().public
@@ -192,8 +199,9 @@ def test_full_disk_raises_storage_error_and_leaves_the_store_usable(path: Path) 
     assert store.load() == stored  # readable, nothing half-written
 
     # A batch that runs out of space half-way leaves nothing applied, not even its Forget.
-    store.apply([Forget(e.id) for e in stored[:3]])
-    del stored[:3]
+    # (Six: whole pages are freed whatever the page size; rows share pages.)
+    store.apply([Forget(e.id) for e in stored[:6]])
+    del stored[:6]
     batch = [Forget(stored[0].id)] + [Persist(entry(n, size=3000)) for n in range(1000, 1010)]
     with pytest.raises(StorageError, match="full"):
         store.apply(batch)
@@ -268,7 +276,13 @@ CHILD = """
 import sys
 from pathlib import Path
 from twinmesh.identity.keys import PublicKey
-from twinmesh.nic.outbox_store import OutboxStore
+from twinmesh.nic.outbox_store import (
+    _SCHEMA,
+    PAGE_SIZE,
+    SCHEMA_VERSION,
+    STORE_KIND,
+    OutboxStore,
+)
 from twinmesh.proto.outbox import Entry, Forget, Persist
 
 KEY = PublicKey(bytes(range(32)))
@@ -340,3 +354,22 @@ def test_every_batch_reported_committed_survives_kill_9(tmp_path: Path, round_: 
             assert e.attempts == int.from_bytes(e.id[:8], "big")
         store.apply([Persist(entry(1))])  # and it is writable
 
+
+
+def test_a_new_file_gets_the_outbox_page_size_and_an_old_one_keeps_its_own(
+    path: Path, tmp_path: Path
+) -> None:
+    entries = [entry(1, size=70_000), entry(2)]
+    with OutboxStore(path) as store:
+        store.apply([Persist(e) for e in entries])
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (PAGE_SIZE,)
+    # A file written by an earlier version (sqlite's default 4 KiB pages) works as it is.
+    old = tmp_path / "old.sqlite"
+    open_database(old, STORE_KIND, SCHEMA_VERSION, _SCHEMA, page_size=4096).close()
+    with OutboxStore(old) as store:
+        store.apply([Persist(e) for e in entries])
+    with OutboxStore(old) as store:
+        assert store.load() == entries
+    with sqlite3.connect(old) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (4096,)

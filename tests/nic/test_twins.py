@@ -77,6 +77,21 @@ def test_frames_to_twins_are_read_without_pycapnp_however_long(count: int) -> No
     ):
         read = local_frames.read(_local_frame(kind, run))
         assert read == (member, expected)
+@pytest.mark.parametrize("count", [1, 3])
+def test_deliveries_are_the_bytes_pycapnp_builds(count: int) -> None:
+    # Written without pycapnp now: a twin decoding them with pycapnp reads the same.
+    envelopes = [bytes([n + 1]) * (65536 + 37 * n) for n in range(count)]
+    # (One segment, as the NIC writes them: pycapnp's default first segment is small.)
+    message = schemas.local.LocalMessage.new_message(num_first_segment_words=1 << 16)
+    if count == 1:
+        message.deliver = envelopes[0]
+    else:
+        deliveries = message.init("deliveries", count)
+        for index, envelope in enumerate(envelopes):
+            deliveries[index] = envelope
+    assert _local_frame("deliver", envelopes) == message.to_bytes()
+
+
 def samples(text: str) -> dict[str, float]:
     """`name{labels}` -> value from a rendered /metrics page."""
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])

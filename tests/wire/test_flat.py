@@ -68,6 +68,16 @@ def test_a_blob_list_message_is_what_pycapnp_builds(items: list[bytes]) -> None:
     assert flat.blob_list_message(ENVELOPES, items) == message.to_bytes()
 
 
+@given(items=blobs)
+def test_the_parts_of_a_message_join_to_it_and_add_up_to_their_size(items: list[bytes]) -> None:
+    for parts, size, whole in (
+        (*flat.blob_list_parts(ENVELOPES, items), flat.blob_list_message(ENVELOPES, items)),
+        (*flat.message_parts(ENVELOPE, items), flat.message(ENVELOPE, items)),
+    ):
+        assert b"".join(parts) == whole
+        assert size == len(whole)
+
+
 def test_empty_blobs_read_back_empty() -> None:
     # pycapnp writes an empty blob as a zero-length list, we write a null pointer:
     # both read back as b"".

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -133,3 +135,62 @@ def test_garbage_raises_only_frame_too_large(garbage: bytes, chunk: int) -> None
                 assert len(body) <= 16
     except FrameTooLarge:
         pass
+
+
+large_bodies = st.lists(st.integers(0, 200_000).map(lambda n: bytes([n % 251]) * n),
+                        min_size=1, max_size=4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(bodies=large_bodies, data=st.data())
+def test_large_frames_over_many_reads_of_any_size_and_type(
+    bodies: list[bytes], data: st.DataObject
+) -> None:
+    # 64 KiB messages arrive in reads of up to 127 KiB, cut anywhere: in a prefix, in a
+    # body, right after one; as bytes, bytearrays (which the caller may reuse) or views.
+    stream = b"".join(encode_frame(b) for b in bodies)
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(stream)), max_size=30)))
+    decoder = FrameDecoder()
+    received: list[bytes] = []
+    start = 0
+    for cut in [*cuts, len(stream)]:
+        kind = data.draw(st.sampled_from(["bytes", "bytearray", "memoryview"]))
+        if kind == "bytearray":
+            chunk = bytearray(stream[start:cut])
+            received += decoder.feed(chunk)
+            chunk[:] = b"\xee" * len(chunk)  # reused by the caller: nothing held may change
+        elif kind == "memoryview":
+            received += decoder.feed(memoryview(stream)[start:cut])
+        else:
+            received += decoder.feed(stream[start:cut])
+        start = cut
+    assert received == bodies
+    assert all(type(body) is bytes for body in received)
+    assert decoder.buffered == 0
+
+
+def test_a_frame_trickling_in_byte_by_byte_holds_little_memory() -> None:
+    body = bytes(range(256)) * 256  # 64 KiB
+    frame = encode_frame(body)
+    decoder = FrameDecoder()
+    tracemalloc.start()
+    try:
+        assert decoder.feed(frame[:10]) == []
+        for i in range(10, len(frame) - 1):
+            assert decoder.feed(frame[i:i + 1]) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One object per byte would be over 2 MB.
+    assert peak < 4 * len(frame)
+    assert decoder.feed(frame[-1:] + encode_frame(b"next")) == [body, b"next"]
+
+
+def test_an_oversized_frame_after_a_large_one_split_over_reads_is_refused() -> None:
+    decoder = FrameDecoder(max_frame=100_000)
+    stream = encode_frame(b"x" * 90_000) + PREFIX.pack(100_001)
+    assert decoder.feed(stream[:50_000]) == []
+    with pytest.raises(FrameTooLarge, match="100001"):
+        decoder.feed(stream[50_000:])
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(encode_frame(b"ok"))

@@ -181,3 +181,19 @@ def test_garbage_never_raises_anything_but_decode_error(data: bytes) -> None:
     ):
         with contextlib.suppress(DecodeError):
             schemas.decode(struct, data, extract)
+
+
+def test_union_tags_are_the_discriminants_pycapnp_writes() -> None:
+    setters = {
+        "envelope": lambda m: setattr(m, "envelope", b"x"),
+        "notice": lambda m: m.init("notice"),
+        "dht": lambda m: setattr(m, "dht", b"x"),
+        "envelopes": lambda m: m.init("envelopes", 1),
+    }
+    tags = schemas.union_tags(schemas.local.NicBus)
+    assert set(tags) == set(setters)
+    for member, tag in tags.items():
+        message = schemas.local.NicBus.new_message()
+        setters[member](message)
+        # One segment: table (8), root pointer (8), then the data section's tag.
+        assert message.to_bytes()[16:18] == tag.to_bytes(2, "little")

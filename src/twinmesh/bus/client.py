@@ -46,6 +46,7 @@ import trio
 from twinmesh.bus import local_frames
 from twinmesh.bus.crypto import MAX_PAYLOAD, Header, Opened, TwinCrypto, read_header
 from twinmesh.bus.inbox_store import InboxStore, IncomingMessage
+from twinmesh.bus.loop_round import loop_rounds
 from twinmesh.carriers.unix import connect_unix
 from twinmesh.control.framed import FramedStream
 from twinmesh.errors import (
@@ -157,10 +158,11 @@ class BusClient:
         # ("bytes", the rest of a write the socket took only part of).
         self._unsent: list[tuple[str, Any]] = []
         self._writing = False  # the writer task is sending
-        # A write went out inline in this scheduling round: later writes of the round
-        # (the other tasks woken by the same frame) queue, and the writer task sends
-        # them together at the start of the next round.
-        self._inline_sent = False
+        # The scheduling round in which a write last went out inline: later writes of
+        # that round (the other tasks woken by the same frame) queue, and the writer
+        # task sends them together at the start of the next round.
+        self._rounds = loop_rounds()
+        self._inline_round = -1
         self._unsent_bytes = 0
         self._unsent_ready = trio.Event()
         self._drained = trio.Event()  # set (and replaced) after every write
@@ -172,8 +174,17 @@ class BusClient:
         self._watchdog_wake = math.inf  # when the watchdog wakes next (trio time)
         self._statuses: dict[bytes, tuple[str, str]] = {}
         self._found: dict[int, Found] = {}
-        # Told of every status change of this twin's messages (twind records them).
-        self.on_status: Callable[[bytes, str, str], None] | None = None
+        # Told of the status changes of this twin's messages, (id, status, code) in
+        # order (twind records them): those of one frame from the NIC together, in the
+        # reader task, so recording them costs no task switch and one transaction.
+        self.on_statuses: Callable[[list[tuple[bytes, str, str]]], None] | None = None
+        self._status_batch: list[tuple[bytes, str, str]] | None = None  # during a frame
+        # Offered each new message (not a reply to a `request`) in the reader task,
+        # once it is acked, when nothing is queued ahead of it for `receive()`: True
+        # means it was handled there and then (it counts as consumed, as by the next
+        # `receive()`), so a message a handler can finish synchronously (twind's chat)
+        # costs no task switch. False: it goes to `receive()` as usual.
+        self.on_message: Callable[[Received], bool] | None = None
         # Asked about every new message before it is acked: (code, reason) refuses it
         # with a typed error reply (e.g. twind's "contacts only"), None accepts it.
         self.screen: Callable[[PublicKey, int], tuple[str, str] | None] | None = None
@@ -568,26 +579,35 @@ class BusClient:
                 return
             which, value = (local_frames.read(body)
                             or schemas.decode(_local.LocalMessage, body, _read_local))
-            if which == "result":
-                self._result(*value)
-            elif which == "results":
-                for request_id, result in value:
-                    self._result(request_id, result)
-            elif which == "statusUpdate":
-                self._set_status(*value)
-            elif which == "statusUpdates":
-                for update in value:
-                    self._set_status(*update)
-            elif which == "found":
-                request_id, found = value
-                reply = self._results.get(request_id)
-                if reply is not None:
-                    self._found[request_id] = found
-                    reply.set((True, "", "", "found"))
-            elif which == "deliver":
-                await self._delivered([value])
-            elif which == "deliveries":
-                await self._delivered(value)
+            self._status_batch = [] if self.on_statuses is not None else None
+            try:
+                await self._handle_frame(which, value)
+            finally:
+                batch, self._status_batch = self._status_batch, None
+                if batch and self.on_statuses is not None:
+                    self.on_statuses(batch)
+
+    async def _handle_frame(self, which: str, value: Any) -> None:
+        if which == "result":
+            self._result(*value)
+        elif which == "results":
+            for request_id, result in value:
+                self._result(request_id, result)
+        elif which == "statusUpdate":
+            self._set_status(*value)
+        elif which == "statusUpdates":
+            for update in value:
+                self._set_status(*update)
+        elif which == "found":
+            request_id, found = value
+            reply = self._results.get(request_id)
+            if reply is not None:
+                self._found[request_id] = found
+                reply.set((True, "", "", "found"))
+        elif which == "deliver":
+            await self._delivered([value])
+        elif which == "deliveries":
+            await self._delivered(value)
 
     def _result(self, request_id: int, result: tuple[bool, str, str, str]) -> None:
         reply = self._results.get(request_id)
@@ -599,8 +619,11 @@ class BusClient:
         if current is not None and current[0] == "failed":
             return  # an error reply is more precise than the ack that came with it
         self._statuses[message_id] = (status, code)
-        if self.on_status is not None:
-            self.on_status(message_id, status, code)
+        if self.on_statuses is not None:
+            if self._status_batch is not None:
+                self._status_batch.append((message_id, status, code))
+            else:
+                self.on_statuses([(message_id, status, code)])
         if len(self._statuses) > 100_000:
             self._statuses.pop(next(iter(self._statuses)))
         event = self._status_waiters.pop(message_id, None)
@@ -723,6 +746,19 @@ class BusClient:
             finally:
                 self._queued.discard(received.id)
             return
+        if (self.on_message is not None and not self._spilled and not self._replay
+                and self._incoming_in.statistics().current_buffer_used == 0
+                and self.on_message(received)):
+            # Handled in order: nothing was queued ahead of it for `receive()`.
+            self._queued.discard(received.id)
+            if self.inbox is not None:
+                try:
+                    self._consume(self.inbox, received.id, now)
+                except StorageError as exc:
+                    # Still pending in the store: offered again after a restart, which
+                    # a handler that dedups by id (twind's chat) absorbs.
+                    self.log.warning("handled message not marked consumed", reason=str(exc))
+            return
         try:
             self._incoming_in.send_nowait(received)
         except trio.WouldBlock:
@@ -813,15 +849,17 @@ class BusClient:
         if self._closed:
             raise trio.ClosedResourceError("the connection to the NIC is gone")
         self._queued_writes += 1
-        if not self._unsent and not self._writing and not self._inline_sent:
+        rounds = self._rounds
+        if (not self._unsent and not self._writing
+                and self._inline_round != rounds.round):
             data = _encode(items, self._framed.max_frame)
             try:
                 sent = self._framed.send_now(data)
             except trio.BrokenResourceError as exc:
                 self._broken(str(exc))
                 raise trio.ClosedResourceError("the connection to the NIC is gone") from None
-            self._inline_sent = True
-            self._unsent_ready.set()  # the writer ends the round
+            # No task to wake: the round counter says when this round is over.
+            self._inline_round = rounds.round
             if sent == len(data):
                 self._written = self._queued_writes
                 return
@@ -836,7 +874,6 @@ class BusClient:
         while True:
             await self._unsent_ready.wait()
             self._unsent_ready = trio.Event()
-            self._inline_sent = False
             while self._unsent:
                 items, self._unsent = self._unsent, []
                 self._unsent_bytes = 0

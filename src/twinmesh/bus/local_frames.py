@@ -1,8 +1,8 @@
 """The twin's hot Cap'n Proto shapes without pycapnp: its `LocalMessage` frames
 (schemas/local.capnp) and the chat payload (`rmb.TextMessage`).
 
-Per message a twin writes a `submits` frame and reads `results`, `statusUpdates` and
-`deliveries` frames; through pycapnp each costs tens of microseconds (a builder or a
+Per message a twin writes a `submits` frame and reads `result(s)`, `statusUpdate(s)`
+and `deliver(ies)` frames; through pycapnp each costs tens of microseconds (a builder or a
 reader, a context manager, a Python object per field), as much as the rest of the
 client's work on them. These shapes are plain: one segment, the root's union tag,
 lists of small structs of Data and Text. Like `twinmesh.wire.flat` (whose readers
@@ -40,24 +40,21 @@ _COMPOSITE = 7
 _BYTE_LIST = 2
 
 
-def _tags() -> dict[str, int]:
-    fields = schemas.local.LocalMessage.schema.node.struct.fields
-    return {str(f.name): int(f.discriminantValue) for f in fields
-            if f.discriminantValue != 0xFFFF}
-
-
-_TAG = _tags()
+_TAG = schemas.union_tags(schemas.local.LocalMessage)
 _SUBMITS = _TAG["submits"]
 _RESULTS = _TAG["results"]
 _UPDATES = _TAG["statusUpdates"]
 _DELIVERIES = _TAG["deliveries"]
 _DELIVER = _TAG["deliver"]
+_RESULT = _TAG["result"]
+_UPDATE = _TAG["statusUpdate"]
 _SUBMIT_WORDS = 2 + 1  # Submit: 2 data words, 1 pointer (envelope)
 
 
 def read(body: bytes) -> tuple[str, Any] | None:
     """(member, value) as the client's pycapnp reader gives them for `results`,
-    `statusUpdates`, `deliveries` and `deliver`; None: decode with pycapnp."""
+    `statusUpdates`, `deliveries`, `deliver`, `result` and `statusUpdate`; None:
+    decode with pycapnp."""
     layout = flat.root(body)
     if layout is None or layout[1] < 1 or layout[3] < 1:
         return None
@@ -75,7 +72,26 @@ def read(body: bytes) -> tuple[str, Any] | None:
     if tag == _DELIVER:
         envelope = flat.blob_at(body, position)
         return None if envelope is None else ("deliver", envelope)
+    # The single members: what a NIC sends for a run of one, i.e. nearly always for
+    # a twin that sends and receives a message now and then.
+    if tag == _RESULT:
+        result = _one(body, position, 1, 3, _result)
+        return None if result is None else ("result", result)
+    if tag == _UPDATE:
+        update = _one(body, position, 0, 3, _update)
+        return None if update is None else ("statusUpdate", update)
     return None
+
+
+def _one(data: bytes, position: int, data_words: int, pointers: int,
+         read_one: Any) -> Any | None:
+    """The struct behind the pointer at `position`, read by `read_one`; None unless
+    it has at least `data_words` and `pointers` and reads (a null one included:
+    pycapnp reads its defaults)."""
+    layout = flat.struct_at(data, position)
+    if layout is None or layout[1] < data_words or layout[3] < pointers:
+        return None
+    return read_one(data, layout[0], layout[2])
 
 
 def _structs(data: bytes, position: int, data_words: int, pointers: int,

@@ -23,6 +23,7 @@ import trio
 from twinmesh import __version__
 from twinmesh.daemon import lock_state_dir, sole_user_error
 from twinmesh.errors import ConfigError, KeyFileError
+from twinmesh.heap import keep_heap
 from twinmesh.identity.keystore import ensure_state_dir, load_or_create_identity
 from twinmesh.log import configure_logging
 from twinmesh.nic.admin.server import AdminServer
@@ -112,6 +113,7 @@ async def serve(config: NicConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_heap()
     try:
         config = build_config(args)
         configure_logging(config.log_format, config.log_level)

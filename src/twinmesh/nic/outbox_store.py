@@ -93,6 +93,12 @@ DELETE FROM entries WHERE seq IN (
     SELECT seq FROM entries WHERE {_FINAL_IN} ORDER BY seq DESC LIMIT -1 OFFSET ?)
 """
 PRUNE_INTERVAL = 60.0
+# Pages of a new outbox file. An envelope of 64 KiB spans a chain of overflow pages,
+# each a system call and a log frame (written, then read and written again by the
+# checkpoint, then read to be freed): 8 KiB pages halve those and cost 12-15 % less CPU
+# per message than sqlite's 4 KiB, for 64 KiB envelopes and 300-byte ones alike
+# (measured; 16 KiB was no better for 64 KiB and worse for small envelopes).
+PAGE_SIZE = 8192
 DEFAULT_MAX_FINISHED = 100_000
 
 _SELECT = """
@@ -116,7 +122,8 @@ class OutboxStore(SqliteStore):
         max_finished: int = DEFAULT_MAX_FINISHED,
     ) -> None:
         super().__init__(
-            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes)
+            path, open_database(path, STORE_KIND, SCHEMA_VERSION, _SCHEMA, max_bytes=max_bytes,
+                                page_size=PAGE_SIZE)
         )
         # This sqlite zeroes every freed page by default (secure_delete): each acked
         # 64 KiB envelope was written twice more. FAST still clears what is freed

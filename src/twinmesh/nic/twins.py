@@ -33,6 +33,7 @@ import contextlib
 import itertools
 import math
 import os
+import struct
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -79,7 +80,7 @@ from twinmesh.proto.outbox import (
     Transmit,
 )
 from twinmesh.wire import flat, schemas
-from twinmesh.wire.framing import encode_frame
+from twinmesh.wire.framing import PREFIX_SIZE, frame_prefix
 
 if TYPE_CHECKING:
     from twinmesh.nic.node import Nic
@@ -877,8 +878,8 @@ async def _pump(session: TwinSession, framed: FramedStream, errors: InternalErro
             data, mailbox.unsent = mailbox.unsent, b""
             if mailbox.items:
                 try:
-                    data += b"".join(_frames(mailbox.items, session.batches,
-                                             framed.max_frame))
+                    data = b"".join((data, *_frames(mailbox.items, session.batches,
+                                                    framed.max_frame)))
                 except Exception as exc:  # a bug: the items taken are lost, the rest go
                     errors.record(TWIN_PUMP, exc)
                 mailbox.took()
@@ -887,26 +888,31 @@ async def _pump(session: TwinSession, framed: FramedStream, errors: InternalErro
 
 def _frames(items: deque[tuple[str, Any]], batches: bool, max_frame: int) -> list[bytes]:
     """Take up to about PUMP_BATCH bytes of items off the front and encode them: runs
-    of one kind become one list frame for a twin that reads them (`batches`)."""
-    frames: list[bytes] = []
+    of one kind become one list frame for a twin that reads them (`batches`). Returns
+    the parts to join: every envelope delivered is copied once, into the write."""
+    parts: list[bytes] = []
     size = 0
     while items and size < PUMP_BATCH:
         kind, value = items.popleft()
         if kind == "frame":
-            frames.append(encode_frame(value, max_frame))
-        else:
-            run = [value]
-            run_size = _item_size(kind, value)
-            while (batches and items and items[0][0] == kind and len(run) < BATCH_ITEMS
-                   and size + run_size < PUMP_BATCH):
-                value = items.popleft()[1]
-                run.append(value)
-                run_size += _item_size(kind, value)
-            # A list frame may exceed the NIC's own cap (an envelope): the twin's
-            # reader takes up to CONTROL_MAX_FRAME, and a run stops at PUMP_BATCH.
-            frames.append(encode_frame(_local_frame(kind, run), CONTROL_MAX_FRAME))
-        size += len(frames[-1])
-    return frames
+            parts.append(frame_prefix(len(value), max_frame))
+            parts.append(value)
+            size += PREFIX_SIZE + len(value)
+            continue
+        run = [value]
+        run_size = _item_size(kind, value)
+        while (batches and items and items[0][0] == kind and len(run) < BATCH_ITEMS
+               and size + run_size < PUMP_BATCH):
+            value = items.popleft()[1]
+            run.append(value)
+            run_size += _item_size(kind, value)
+        body, body_size = _local_frame_parts(kind, run)
+        # A list frame may exceed the NIC's own cap (an envelope): the twin's
+        # reader takes up to CONTROL_MAX_FRAME, and a run stops at PUMP_BATCH.
+        parts.append(frame_prefix(body_size, CONTROL_MAX_FRAME))
+        parts += body
+        size += PREFIX_SIZE + body_size
+    return parts
 
 
 def _item_size(kind: str, value: Any) -> int:
@@ -914,18 +920,24 @@ def _item_size(kind: str, value: Any) -> int:
 
 
 def _local_frame(kind: str, run: list[Any]) -> bytes:
+    """One LocalMessage for a run of results, status updates or deliveries (see
+    `_local_frame_parts`)."""
+    parts, _ = _local_frame_parts(kind, run)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _local_frame_parts(kind: str, run: list[Any]) -> tuple[list[bytes], int]:
     """One LocalMessage for a run of results, status updates or deliveries: the single
-    member for one, the list member for more. In one segment (sized up front): the
-    twin reads one-segment frames of these kinds without pycapnp (bus/local_frames)."""
-    message = _local.LocalMessage.new_message(num_first_segment_words=_frame_words(kind, run))
+    member for one, the list member for more. In one segment: the twin reads
+    one-segment frames of these kinds without pycapnp (bus/local_frames). Deliveries
+    are laid out by `flat` (pycapnp copied each envelope into its builder, and that
+    out again, into a zeroed segment as big as all of them): as parts to join."""
     if kind == "deliver":
         if len(run) == 1:
-            message.deliver = run[0]
-        else:
-            deliveries = message.init("deliveries", len(run))
-            for index, envelope in enumerate(run):
-                deliveries[index] = envelope
-    elif kind == "status":
+            return flat.message_parts(_DELIVER_SECTION, run)
+        return flat.blob_list_parts(_DELIVERIES_SECTION, run)
+    message = _local.LocalMessage.new_message(num_first_segment_words=_frame_words(kind, run))
+    if kind == "status":
         updates = [message.init("statusUpdate")] if len(run) == 1 else message.init(
             "statusUpdates", len(run))
         for update, (message_id, status, code) in zip(updates, run, strict=True):
@@ -944,15 +956,15 @@ def _local_frame(kind: str, run: list[Any]) -> bytes:
             result.code = code
             result.message = text
             result.status = status
-    return bytes(message.to_bytes())
+    frame = bytes(message.to_bytes())
+    return [frame], len(frame)
 
 
 def _frame_words(kind: str, run: list[Any]) -> int:
-    """An upper bound on the words of `_local_frame(kind, run)`: each item's struct and
-    list pointer (at most 8 words) plus its bytes and texts rounded up."""
-    if kind == "deliver":
-        variable = sum(len(envelope) for envelope in run)
-    elif kind == "status":
+    """An upper bound on the words of `_local_frame(kind, run)` (results and status
+    updates): each item's struct and list pointer (at most 8 words) plus its texts
+    rounded up."""
+    if kind == "status":
         variable = sum(len(message_id) + len(status) + len(code)
                        for message_id, status, code in run)
     else:
@@ -1020,6 +1032,11 @@ def _nic_bus(which: str, value: Any) -> bytes:
         notice.code = code
     return bytes(message.to_bytes())
 
+
+# LocalMessage's data section (requestId 0, then the union tag) for deliveries.
+_LOCAL_TAGS = schemas.union_tags(_local.LocalMessage)
+_DELIVER_SECTION = struct.pack("<IH2x", 0, _LOCAL_TAGS["deliver"])
+_DELIVERIES_SECTION = struct.pack("<IH2x", 0, _LOCAL_TAGS["deliveries"])
 
 # NicBus union tags of the hot members, in the data section of a flat NicBus.
 _ENVELOPE_TAG = 0

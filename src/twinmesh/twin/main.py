@@ -35,6 +35,7 @@ from twinmesh import __version__
 from twinmesh.daemon import lock_state_dir, sole_user_error
 from twinmesh.errors import ConfigError, KeyFileError, StorageError
 from twinmesh.group_sync import GroupSync
+from twinmesh.heap import keep_heap
 from twinmesh.identity.keystore import ensure_state_dir, load_or_create_identity
 from twinmesh.log import configure_logging
 from twinmesh.twin.control import serve_control
@@ -150,6 +151,7 @@ async def _until_signal(signals: AsyncIterator[int], nursery: trio.Nursery,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_heap()
     try:
         configure_logging(args.log_format, args.log_level)
         nics = [path.expanduser().resolve() for path in args.nic]

@@ -157,27 +157,36 @@ def _offset(word: int) -> int:
 def message(data_section: bytes, blobs: tuple[bytes, ...] | list[bytes]) -> bytes:
     """A one-segment message whose root struct has `data_section` (whole words) and
     one Data pointer per blob, the blobs after it in order (pycapnp's layout)."""
-    body, pointers, blob_words = _lay_out(blobs)
-    words = len(data_section) // 8
-    count = len(blobs)
-    return b"".join((
-        _HEAD.pack(0, 1 + words + count + blob_words, struct_pointer(0, words, count)),
-        data_section, pointer_run(count).pack(*pointers), *body,
-    ))
+    return b"".join(message_parts(data_section, blobs)[0])
 
 
 def blob_list_message(data_section: bytes, items: list[bytes]) -> bytes:
     """A one-segment message whose root struct has `data_section` and one pointer, to
     a List(Data) of `items` (pycapnp's layout)."""
+    return b"".join(blob_list_parts(data_section, items)[0])
+
+
+def blob_list_parts(data_section: bytes, items: list[bytes]) -> tuple[list[bytes], int]:
+    """`blob_list_message` as the parts to join and their total size: a writer that
+    joins them with other bytes (a frame prefix, other frames) copies each item once."""
     body, pointers, blob_words = _lay_out(items)
     words = len(data_section) // 8
     count = len(items)
     size = 1 + words + 1 + count + blob_words
-    return b"".join((
-        _HEAD.pack(0, size, struct_pointer(0, words, 1)), data_section,
-        U64.pack(1 | (_POINTER_LIST << 32) | (count << 35)),
-        pointer_run(count).pack(*pointers), *body,
-    ))
+    return [_HEAD.pack(0, size, struct_pointer(0, words, 1)), data_section,
+            U64.pack(1 | (_POINTER_LIST << 32) | (count << 35)),
+            pointer_run(count).pack(*pointers), *body], 8 + size * 8
+
+
+def message_parts(data_section: bytes, blobs: tuple[bytes, ...] | list[bytes]
+                  ) -> tuple[list[bytes], int]:
+    """`message` as the parts to join and their total size (see `blob_list_parts`)."""
+    body, pointers, blob_words = _lay_out(blobs)
+    words = len(data_section) // 8
+    count = len(blobs)
+    size = 1 + words + count + blob_words
+    return [_HEAD.pack(0, size, struct_pointer(0, words, count)), data_section,
+            pointer_run(count).pack(*pointers), *body], 8 + size * 8
 
 
 # Segment table of one segment, then the root pointer.

@@ -48,6 +48,14 @@ NESTING_LIMIT = 16
 T = TypeVar("T")
 
 
+def union_tags(struct: Any) -> dict[str, int]:
+    """Member name -> union discriminant of `struct`'s unnamed union (for the flat
+    readers and writers of `twinmesh.wire.flat`)."""
+    fields = struct.schema.node.struct.fields
+    return {str(f.name): int(f.discriminantValue) for f in fields
+            if f.discriminantValue != 0xFFFF}
+
+
 def decode(struct: Any, data: bytes, extract: Callable[[Any], T]) -> T:
     """Decode `data` as `struct` and return `extract(reader)`.
 
