@@ -295,3 +295,120 @@ async def test_a_message_on_message_takes_is_consumed_and_the_rest_reach_receive
                 assert [m.id for m in inbox.pending()] == [received.id]
             nursery.cancel_scope.cancel()
     inbox.close()
+
+
+# ------------------------------------------------ submit_sealed_soon (callbacks)
+
+
+def _sealed(size: int = 10) -> tuple[bytes, bytes]:
+    envelope, header = TwinCrypto(Identity.generate()).seal_message(
+        BOB, _text(size).to_bytes(), _text(size).schema.node.id, now=time.time())
+    return envelope, header.id
+
+
+async def test_a_callback_submit_hears_the_result_once_after_its_status(
+    tmp_path: Path
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            events: list[Any] = []
+            bus.on_statuses = lambda changes: events.append(("statuses", changes))
+            nic.answer = False
+            envelope, message_id = _sealed()
+            answered = trio.Event()
+
+            def done(error: BusError | None) -> None:
+                events.append(("done", error))
+                answered.set()
+
+            assert bus.submit_sealed_soon(envelope, 10, message_id, done)
+            while not nic.submitted:
+                await trio.sleep(0.001)
+            ((request_id, _),) = nic.submitted
+            assert nic.framed is not None
+            message = _local.LocalMessage.new_message()
+            result = message.init("results", 1)[0]
+            result.requestId, result.ok, result.status = request_id, True, "sent"
+            await nic.framed.send(message.to_bytes())
+            await answered.wait()
+            await nic.status_update(message_id, "delivered", "")
+            assert await bus.wait_status(message_id, timeout=TIMEOUT) == ("delivered", "")
+            # The NIC's "sent" came with its result: told before `done`, as with
+            # `submit_sealed`.
+            assert events == [("statuses", [(message_id, "sent", "")]), ("done", None),
+                              ("statuses", [(message_id, "delivered", "")])]
+            assert await bus.status(message_id) == ("delivered", "")
+
+
+async def test_a_callback_submit_the_nic_refuses_hears_its_code(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            nic.answer = False
+            errors: list[BusError | None] = []
+            envelope, message_id = _sealed()
+            assert bus.submit_sealed_soon(envelope, 10, message_id, errors.append)
+            while not nic.submitted:
+                await trio.sleep(0.001)
+            await nic.results([(nic.submitted[0][0], False, "overloaded", "too many")])
+            while not errors:
+                await trio.sleep(0.001)
+            (error,) = errors
+            assert error is not None and error.code == "overloaded"
+
+
+async def test_callback_submits_hear_offline_once_when_the_nic_connection_breaks(
+    tmp_path: Path
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            nic.answer = False
+            calls: list[list[BusError | None]] = [[], []]
+            for i in range(2):
+                envelope, message_id = _sealed()
+                assert bus.submit_sealed_soon(envelope, 10, message_id, calls[i].append)
+            while len(nic.submitted) < 2:
+                await trio.sleep(0.001)
+            assert nic.framed is not None
+            await nic.framed.stream.aclose()  # the NIC goes away mid-request
+            while not all(calls):
+                await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()
+            for errors in calls:
+                (error,) = errors  # exactly once
+                assert error is not None and error.code == "offline"
+            # A gone connection takes no more: the caller uses `submit_sealed`.
+            envelope, message_id = _sealed()
+            assert not bus.submit_sealed_soon(envelope, 10, message_id, calls[0].append)
+    assert len(calls[0]) == 1
+
+
+async def test_a_callback_submit_hears_offline_once_when_the_client_ends(
+    tmp_path: Path
+) -> None:
+    errors: list[BusError | None] = []
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            nic.answer = False
+            envelope, message_id = _sealed()
+            assert bus.submit_sealed_soon(envelope, 10, message_id, errors.append)
+            while not nic.submitted:
+                await trio.sleep(0.001)
+            assert errors == []
+    (error,) = errors
+    assert error is not None and error.code == "offline"
+
+
+async def test_a_callback_submit_the_nic_never_answers_hears_offline_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with attached(tmp_path) as (bus, nic):
+        nic.answer = False
+        errors: list[BusError | None] = []
+        envelope, message_id = _sealed()
+        with trio.fail_after(10 * REQUEST_TIMEOUT):  # (virtual time)
+            assert bus.submit_sealed_soon(envelope, 10, message_id, errors.append)
+            while not errors:
+                await trio.sleep(1)
+            await trio.sleep(3 * REQUEST_TIMEOUT)
+        (error,) = errors
+        assert error is not None and "did not answer" in str(error)

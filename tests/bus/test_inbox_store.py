@@ -193,6 +193,69 @@ def test_prune_keeps_the_newest_history_only(path: Path) -> None:
         assert store.pending_count() == 2
 
 
+def test_consume_soon_rides_with_the_next_accept_in_one_transaction(path: Path) -> None:
+    with InboxStore(path) as store:
+        accept(store, 1)
+        statements: list[str] = []
+        assert store._conn is not None
+        store._conn.set_trace_callback(statements.append)
+        store.consume_soon(mid(1), NOW + 1)
+        assert statements == []  # nothing written yet
+        assert accept(store, 2)
+        store._conn.set_trace_callback(None)
+        assert [sql.split()[0] for sql in statements if not sql.startswith("PRAGMA")] == [
+            "BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    with InboxStore(path) as again:
+        assert [m.consumed_at for m in again.history(ALICE)] == [NOW + 1, None]
+
+
+def test_a_waiting_consume_soon_mark_is_never_seen_pending(path: Path) -> None:
+    with InboxStore(path, max_pending=2) as store:
+        accept(store, 1)
+        accept(store, 2)
+        store.consume_soon(mid(1), NOW + 1)
+        # Reads write the waiting marks first.
+        assert store.pending_count() == 1
+        store.consume_soon(mid(2), NOW + 2)
+        assert store.pending() == []
+        assert [m.consumed_at for m in store.history(ALICE)] == [NOW + 1, NOW + 2]
+        # The mark freed room: the inbox takes two more.
+        store.consume_soon(mid(3), NOW + 3)  # unknown: changes nothing
+        assert accept(store, 4) and accept(store, 5)
+        with pytest.raises(StorageError, match="inbox full"):
+            accept(store, 6)
+        store.consume_soon(mid(4), NOW + 4)
+        assert accept(store, 6)  # the mark is written before the new message counts
+        assert store.consume(mid(5), NOW + 5)  # written together with any waiting mark
+        assert [m.id for m in store.pending()] == [mid(6)]
+
+
+def test_consume_soon_marks_are_written_at_close_and_by_prune(path: Path) -> None:
+    with InboxStore(path) as store:
+        for n in range(3):
+            accept(store, n)
+        store.consume_soon(mid(0), NOW + 1)
+        store.prune(NOW + 1)
+        store.consume_soon(mid(1), NOW + 2)
+    with InboxStore(path) as again:
+        assert [m.id for m in again.pending()] == [mid(2)]
+
+
+def test_a_consume_soon_mark_survives_a_failed_transaction(path: Path) -> None:
+    store = InboxStore(path, max_bytes=128 * 1024, max_history=0)
+    accepted = 0
+    with pytest.raises(StorageError, match="full"):
+        for n in range(1000):
+            accept(store, n, size=3000)
+            accepted += 1
+    store.consume_soon(mid(0), NOW + 1)
+    with pytest.raises(StorageError, match="full"):
+        accept(store, 1000, size=3000)  # rolled back, the mark with it
+    store.prune(NOW + 1)  # writes the mark, then trims the consumed message
+    assert [m.id for m in store.pending(1000)] == [mid(n) for n in range(1, accepted)]
+    store.close()
+
+
 # -------------------------------------------------------------------- bounds
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import trio.testing
 
 from twinmesh.carriers.unix import connect_unix
 from twinmesh.control.framed import CONTROL_MAX_FRAME, FramedStream
-from twinmesh.errors import ConfigError
+from twinmesh.errors import ApiError, ConfigError
 from twinmesh.identity.keys import Identity
 from twinmesh.testing.twins import twin_mesh
 from twinmesh.twin.control import (
@@ -52,6 +52,9 @@ class ScriptedTwin:
         self.pings_started = 0
         self.inbox_rows: list[dict[str, Any]] = []
         self.subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        # `send_text_soon`'s callbacks, called by the test (as the bus client's
+        # reader would when the NIC answers).
+        self.sends: list[Callable[[dict[str, Any] | ApiError], None]] = []
 
     def identity_info(self) -> dict[str, Any]:
         return {"twin": self.key, "name": "scripted", "nic": "", "nicSocket": ""}
@@ -66,6 +69,14 @@ class ScriptedTwin:
 
     async def inbox(self, peer: str = "", *, limit: int = 50) -> list[dict[str, Any]]:
         return self.inbox_rows
+
+    def send_text_soon(self, twin: str, text: str, *, ttl: float,
+                       done: Callable[[dict[str, Any] | ApiError], None],
+                       spawn: Any) -> bool:
+        if not text:
+            raise ApiError("malformed", "an empty message")
+        self.sends.append(done)
+        return True
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[trio.MemoryReceiveChannel[dict[str, Any]]]:
@@ -282,6 +293,35 @@ async def test_a_client_that_vanishes_mid_request_leaves_the_server_serving(
             async with raw_client(path) as client:
                 await client.send({"id": 2, "identity": None})
                 assert (await client.receive())["id"] == 2
+
+
+async def test_a_send_answered_by_a_callback_is_answered_once_even_after_the_client_ends(
+    tmp_path: Path
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with served(tmp_path) as (twin, path), raw_client(path) as client:
+            await client.send({"id": 5, "send": {"twin": OTHER, "text": "hi"}})
+            await client.send({"id": 6, "send": {"twin": OTHER, "text": ""}})
+            assert (await client.receive())["id"] == 6  # refused at once: malformed
+            await client.send({"id": 7, "identity": None})
+            assert (await client.receive())["id"] == 7  # not held up by the send
+            await client.stream.send_eof()  # the client sends no more, still reads
+            await trio.testing.wait_all_tasks_blocked()
+            (done,) = twin.sends
+            done({"id": "ab", "text": "hi"})
+            assert await client.receive() == {"id": 5, "sent": {"id": "ab", "text": "hi"}}
+            assert await client.receive() is None  # then the connection ends
+
+
+async def test_a_send_refused_later_by_the_nic_is_a_typed_error(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with served(tmp_path) as (twin, path), raw_client(path) as client:
+            await client.send({"id": 3, "send": {"twin": OTHER, "text": "hi", "ttl": 60}})
+            while not twin.sends:
+                await trio.sleep(0.001)
+            twin.sends[0](ApiError("overloaded", "too many"))
+            assert await client.receive() == {
+                "id": 3, "error": {"code": "overloaded", "message": "too many"}}
 
 
 async def test_only_a_connection_silent_for_the_idle_timeout_is_closed(

@@ -151,3 +151,52 @@ async def test_bad_sends_are_refused_with_a_code_and_nothing_recorded(
             await alice.send_text(twin or other, text, ttl=ttl)
         assert error.value.code == code
         assert await alice.inbox() == []
+
+
+async def test_a_send_answered_by_callback_is_recorded_and_delivered_once(tmp_path):
+    async with twin_mesh(tmp_path, nics=2) as mesh:
+        alice, bob = mesh.twins
+        answers = []
+        with trio.fail_after(TIMEOUT):
+            assert alice.send_text_soon(bob.key.text, "soon", ttl=60.0, done=answers.append,
+                                        spawn=mesh.nursery.start_soon)
+            while not answers:
+                await trio.sleep(0.01)
+            (entry,) = answers
+            assert entry["text"] == "soon" and entry["status"] in ("queued", "sent")
+            while not await bob.inbox():
+                await trio.sleep(0.01)
+            sent = await alice.message_status(entry["id"])
+            while sent["status"] != "delivered":
+                await trio.sleep(0.01)
+                sent = await alice.message_status(entry["id"])
+        assert [m["text"] for m in await bob.inbox()] == ["soon"]
+        assert [m["id"] for m in await alice.inbox()] == [entry["id"]]
+        with pytest.raises(ApiError) as error:
+            alice.send_text_soon(bob.key.text, "", ttl=60.0, done=answers.append,
+                                 spawn=mesh.nursery.start_soon)
+        assert error.value.code == "malformed" and len(answers) == 1
+
+
+async def test_a_send_whose_nic_connection_breaks_mid_request_is_answered_once_and_kept(
+        tmp_path):
+    async with twin_mesh(tmp_path, nics=2) as mesh:
+        alice, bob = mesh.twins
+        answers = []
+        with trio.fail_after(TIMEOUT):
+            assert alice.send_text_soon(bob.key.text, "kept", ttl=60.0, done=answers.append,
+                                        spawn=mesh.nursery.start_soon)
+            # The session ends before the NIC's result is read (as `move` ends it).
+            assert alice._session_scope is not None
+            alice._session_scope.cancel()
+            while not answers:
+                await trio.sleep(0.01)
+            (entry,) = answers
+            assert entry["status"] == "waiting"  # kept in the twin, power safe
+            await alice.wait_attached()
+            while not await bob.inbox():
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)  # a second copy would arrive meanwhile
+        assert answers == [entry]
+        assert [(m["text"], m["id"]) for m in await bob.inbox()] == [("kept", entry["id"])]
+        assert (await alice.status())["waiting"] == 0

@@ -170,6 +170,7 @@ class BusClient:
         self._written = 0  # of which the writer has sent this many
         self._request_ids = itertools.count(1)
         self._results: dict[int, _Reply] = {}
+        self._answered: list[_Reply] = []  # callback requests answered in this frame
         self._requests_made = trio.Event()  # wakes the watchdog
         self._watchdog_wake = math.inf  # when the watchdog wakes next (trio time)
         self._statuses: dict[bytes, tuple[str, str]] = {}
@@ -181,9 +182,10 @@ class BusClient:
         self._status_batch: list[tuple[bytes, str, str]] | None = None  # during a frame
         # Offered each new message (not a reply to a `request`) in the reader task,
         # once it is acked, when nothing is queued ahead of it for `receive()`: True
-        # means it was handled there and then (it counts as consumed, as by the next
-        # `receive()`), so a message a handler can finish synchronously (twind's chat)
-        # costs no task switch. False: it goes to `receive()` as usual.
+        # means it was handled there and then (it counts as consumed, marked with the
+        # next inbox transaction: `InboxStore.consume_soon`, so the handler must
+        # dedup by id), so a message a handler can finish synchronously (twind's
+        # chat) costs no task switch. False: it goes to `receive()` as usual.
         self.on_message: Callable[[Received], bool] | None = None
         # Asked about every new message before it is acked: (code, reason) refuses it
         # with a typed error reply (e.g. twind's "contacts only"), None accepts it.
@@ -241,19 +243,24 @@ class BusClient:
             nic = await _attach(framed, identity, receive)
             client = cls(identity, framed, nic, inbox=inbox, accepted=accepted,
                          group_sync=group_sync, crypto=crypto)
-            async with trio.open_nursery() as nursery:
-                if group_sync is None and inbox is not None:
-                    # Its own: the rounds' thread lives as long as the connection.
-                    await nursery.start(client.group_sync.run)
-                nursery.start_soon(client._reader)
-                nursery.start_soon(client._writer)
-                nursery.start_soon(client._watchdog)
-                await client.publish_location()
-                nursery.start_soon(client._republish)
-                try:
-                    yield client
-                finally:
-                    nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    if group_sync is None and inbox is not None:
+                        # Its own: the rounds' thread lives as long as the connection.
+                        await nursery.start(client.group_sync.run)
+                    nursery.start_soon(client._reader)
+                    nursery.start_soon(client._writer)
+                    nursery.start_soon(client._watchdog)
+                    await client.publish_location()
+                    nursery.start_soon(client._republish)
+                    try:
+                        yield client
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                # Whatever ended it: every request made with a callback hears back.
+                client._closed = True
+                client._end_requests()
 
     async def publish_location(self) -> None:
         """Tell the overlay this twin is at this NIC (signed, newest seqno wins)."""
@@ -331,6 +338,48 @@ class BusClient:
             except DecodeError:
                 return
         self._accepted(message_id, status)
+
+    def submit_sealed_soon(self, envelope: bytes, payload_size: int, message_id: bytes,
+                           done: Callable[[BusError | None], None]) -> bool:
+        """`submit_sealed` without a task waiting for the NIC: `done` is called once,
+        in the client's reader task (after the status changes of the result's frame,
+        its "sent" among them, went to `on_statuses`), with None once the NIC stored
+        the envelope durably, else the BusError: the NIC's refusal, or `offline`
+        when the connection breaks, the NIC does not answer within REQUEST_TIMEOUT
+        or the client ends. False (and `done` is never called): it cannot go out
+        without waiting (the connection is gone, or the NIC is not reading); use
+        `submit_sealed`."""
+        if self._closed or self._unsent_bytes > WRITE_BACKLOG:
+            return False
+        request_id = next(self._request_ids)
+
+        def accepted(result: tuple[bool, str, str, str]) -> None:
+            if result[0]:  # as the frame is read: its "sent" goes with the frame's statuses
+                self._accepted(message_id, result[3])
+
+        def answered(reply: _Reply) -> None:
+            result = reply.result
+            if result is None:
+                done(reply.error())
+                return
+            ok, code, text, _ = result
+            if not ok:
+                done(BusError(code, text))
+                return
+            done(None)
+
+        try:
+            self._write_now([("submit", (request_id, envelope, True, False, payload_size))])
+        except trio.ClosedResourceError:
+            return False
+        # Registered after the write (nothing can answer in between): a write that
+        # breaks the connection ends the open requests, and this is not one yet.
+        reply = _Reply(trio.current_time() + REQUEST_TIMEOUT, answered)
+        reply.on_result = accepted
+        self._results[request_id] = reply
+        if self._watchdog_wake == math.inf:
+            self._requests_made.set()
+        return True
 
     def _accepted(self, message_id: bytes, status: str) -> None:
         """The NIC stored it; its answer may say it already went out ("sent")."""
@@ -476,8 +525,12 @@ class BusClient:
             # No fsync (see inbox_store): cheaper inline than a thread hop.
             self._consume(self.inbox, last, time.time())
 
-    def _consume(self, inbox: InboxStore, message_id: bytes, now: float) -> None:
-        inbox.consume(message_id, now)
+    def _consume(self, inbox: InboxStore, message_id: bytes, now: float, *,
+                 soon: bool = False) -> None:
+        if soon:
+            inbox.consume_soon(message_id, now)
+        else:
+            inbox.consume(message_id, now)
         if now >= self._prune_at:
             self._prune_at = now + PRUNE_INTERVAL
             try:
@@ -514,9 +567,7 @@ class BusClient:
             await self._write([(kind, value)])
             await reply.done.wait()
             if reply.result is None:
-                if reply.timed_out:
-                    raise BusError("offline", "the NIC did not answer")
-                raise BusError("offline", "the connection to the NIC is gone")
+                raise reply.error()
             return reply.result
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise BusError("offline", "the connection to the NIC is gone") from None
@@ -553,13 +604,19 @@ class BusClient:
     def _expire_requests(self, now: float) -> float | None:
         """Time out the open requests past their deadline; the deadline of the oldest
         one still open (None: none is)."""
-        for reply in self._results.values():
+        expired: list[int] = []
+        for request_id, reply in self._results.items():
             if reply.done.is_set():
                 continue  # answered or timed out, its waiter not yet back
             if reply.deadline > now:
-                return reply.deadline
+                break
             reply.timed_out = True
-            reply.done.set()
+            expired.append(request_id)
+        for request_id in expired:
+            self._end_request(request_id)
+        for reply in self._results.values():
+            if not reply.done.is_set():
+                return reply.deadline
         return None
 
     async def _reader(self) -> None:
@@ -571,8 +628,7 @@ class BusClient:
                 body = None
             if body is None:
                 self._closed = True
-                for waiting in self._results.values():
-                    waiting.done.set()  # no result: "offline"
+                self._end_requests()  # no result: "offline"
                 for event in self._status_waiters.values():
                     event.set()  # they return what they have
                 self._incoming_in.close()  # receive() says "offline" once drained
@@ -586,6 +642,12 @@ class BusClient:
                 batch, self._status_batch = self._status_batch, None
                 if batch and self.on_statuses is not None:
                     self.on_statuses(batch)
+                # After the frame's status changes (a result's "sent" among them): a
+                # callback that records its message records it as it stands now, in
+                # one write, not a second one for a status told after it.
+                answered, self._answered = self._answered, []
+                for reply in answered:
+                    self._call_back(reply)
 
     async def _handle_frame(self, which: str, value: Any) -> None:
         if which == "result":
@@ -611,8 +673,36 @@ class BusClient:
 
     def _result(self, request_id: int, result: tuple[bool, str, str, str]) -> None:
         reply = self._results.get(request_id)
-        if reply is not None:
+        if reply is None:
+            return
+        if reply.callback is None:
             reply.set(result)
+        elif reply.result is None:
+            reply.result = result
+            del self._results[request_id]
+            if reply.on_result is not None:
+                reply.on_result(result)
+            self._answered.append(reply)  # called back at the end of the frame
+
+    def _end_request(self, request_id: int) -> None:
+        """No result for this request (it is `timed_out`, or the connection is gone)."""
+        reply = self._results[request_id]
+        if reply.callback is None:
+            reply.done.set()
+        else:
+            del self._results[request_id]
+            self._call_back(reply)
+
+    def _end_requests(self) -> None:
+        for request_id in list(self._results):
+            self._end_request(request_id)
+
+    def _call_back(self, reply: _Reply) -> None:
+        assert reply.callback is not None
+        try:
+            reply.callback(reply)
+        except Exception:  # a bug in the callback must not stop the reader
+            self.log.exception("request callback failed")
 
     def _set_status(self, message_id: bytes, status: str, code: str) -> None:
         current = self._statuses.get(message_id)
@@ -753,7 +843,9 @@ class BusClient:
             self._queued.discard(received.id)
             if self.inbox is not None:
                 try:
-                    self._consume(self.inbox, received.id, now)
+                    # Written with the next accept: the handler dedups by id, so a
+                    # mark lost to a crash costs only an offer after the restart.
+                    self._consume(self.inbox, received.id, now, soon=True)
                 except StorageError as exc:
                     # Still pending in the store: offered again after a restart, which
                     # a handler that dedups by id (twind's chat) absorbs.
@@ -846,6 +938,12 @@ class BusClient:
         sends, not one per send). Returns at once unless more than WRITE_BACKLOG bytes
         wait (the NIC is not reading): then once they are out. Raises
         trio.ClosedResourceError when the connection is gone."""
+        self._write_now(items)
+        while self._unsent_bytes > WRITE_BACKLOG and not self._closed:
+            await self._drained.wait()
+
+    def _write_now(self, items: list[tuple[str, Any]]) -> None:
+        """`_write` without waiting for a backlog to drain."""
         if self._closed:
             raise trio.ClosedResourceError("the connection to the NIC is gone")
         self._queued_writes += 1
@@ -867,8 +965,6 @@ class BusClient:
         self._unsent.extend(items)
         self._unsent_bytes += sum(_item_size(kind, value) for kind, value in items)
         self._unsent_ready.set()
-        while self._unsent_bytes > WRITE_BACKLOG and not self._closed:
-            await self._drained.wait()
 
     async def _writer(self) -> None:
         while True:
@@ -896,27 +992,37 @@ class BusClient:
     def _broken(self, reason: str) -> None:
         self.log.warning("NIC connection broken", reason=reason)
         self._closed = True
-        for reply in self._results.values():
-            reply.done.set()  # no result: "offline"
+        self._end_requests()  # no result: "offline"
         self._drained.set()
 
 
 class _Reply:
     """The NIC's result for one request (None: the connection is gone, or no answer
-    came by `deadline`, a trio time)."""
+    came by `deadline`, a trio time). A task waits on `done`; or, for a request made
+    with a `callback`, the client calls that once with the reply (`_finish`)."""
 
-    __slots__ = ("deadline", "done", "result", "timed_out")
+    __slots__ = ("callback", "deadline", "done", "on_result", "result", "timed_out")
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float,
+                 callback: Callable[[_Reply], None] | None = None) -> None:
         self.deadline = deadline
         self.done = trio.Event()
         self.result: tuple[bool, str, str, str] | None = None
         self.timed_out = False
+        self.callback = callback
+        # Told of the result as soon as it is read, before `callback`.
+        self.on_result: Callable[[tuple[bool, str, str, str]], None] | None = None
 
     def set(self, result: tuple[bool, str, str, str]) -> None:
         if self.result is None:
             self.result = result
             self.done.set()
+
+    def error(self) -> BusError:
+        """Why there is no result."""
+        if self.timed_out:
+            return BusError("offline", "the NIC did not answer")
+        return BusError("offline", "the connection to the NIC is gone")
 
 
 def _item_size(kind: str, value: Any) -> int:

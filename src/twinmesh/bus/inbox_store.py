@@ -25,15 +25,19 @@ Durability and errors: one sqlite3 file (mode 0600), write-ahead log, one transa
 per call. Accepting is power safe: `synchronous=FULL`, or without it and then
 `twinmesh.group_sync` fsyncs the log (with other twins' logs) before the twin acks;
 every other commit survives a kill -9 but skips the fsync (`synchronous=NORMAL`) and
-takes microseconds, so the shell calls it directly: a thread hop costs more. A consumed mark lost
-to a power cut only offers the message to the application again, which dedups by
-id. A full disk, an I/O error, a read-only or corrupt file raise `StorageError`
-naming the file, with the transaction rolled back. Every method may be called from
+takes microseconds, so the shell calls it directly: a thread hop costs more. A
+consumed mark lost to a power cut only offers the message to the application again,
+which dedups by id. An application that dedups anyway may say `consume_soon`: the
+mark waits in memory and goes into the next accept (or prune) transaction, so a
+message it handles costs one transaction here, not two. A full disk, an I/O error,
+a read-only or corrupt file raise `StorageError` naming the file, with the
+transaction rolled back. Every method may be called from
 any thread; a lock serialises them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +57,9 @@ SCHEMA_VERSION = 2
 DEFAULT_GRACE = 60.0
 DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_HISTORY = 10_000
+# Consumed marks `consume_soon` holds before it writes them in a transaction of their
+# own (otherwise they ride with the next accept or prune).
+CONSUME_SOON_LIMIT = 256
 
 _U64 = 1 << 64
 _I64 = 1 << 63
@@ -97,6 +104,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
+_CONSUME = "UPDATE messages SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL"
 _COLUMNS = "id, source, reply_to, schema_id, payload, deadline, received_at, consumed_at"
 # A message row unless its id is known (see `_known`): one statement, whose row count
 # says whether it was new.
@@ -176,6 +184,8 @@ class InboxStore(SqliteStore):
             self._conn.close()
             raise
         self._pending = int(pending)
+        # (consumed at, id) of `consume_soon` marks not written yet; with _lock held.
+        self._consume_soon: list[tuple[float, bytes]] = []
 
     # ------------------------------------------------------------------ write
 
@@ -218,30 +228,35 @@ class InboxStore(SqliteStore):
         answers: list[bool | None] = []
         with self._lock:
             conn = self._connection()
+            marks, self._consume_soon = self._consume_soon, []
             try:
                 if power_safe:
                     with synchronous_full(conn):
-                        pending = self._insert_new(conn, messages, now, answers)
+                        pending = self._insert_new(conn, messages, now, answers, marks)
                 else:
-                    pending = self._insert_new(conn, messages, now, answers)
+                    pending = self._insert_new(conn, messages, now, answers, marks)
             except sqlite3.Error as exc:
                 rollback(conn)
+                self._consume_soon[:0] = marks  # written with the next transaction
                 raise storage_error(self.path, "cannot write the inbox", exc) from None
             except BaseException:
                 rollback(conn)
+                self._consume_soon[:0] = marks
                 raise
             self._pending = pending
         return answers
 
     def _insert_new(self, conn: sqlite3.Connection, messages: list[IncomingMessage],
-                    now: float, answers: list[bool | None]) -> int:
-        """`accept_many`'s transaction; returns the new pending count. A single
-        message (the usual burst at a steady rate) is one statement, its own
-        transaction: no BEGIN and COMMIT to run."""
-        pending = self._pending
-        grouped = len(messages) > 1
+                    now: float, answers: list[bool | None],
+                    marks: list[tuple[float, bytes]]) -> int:
+        """`accept_many`'s transaction, which also writes the consumed `marks` first
+        (so they free room for these messages); returns the new pending count. A
+        single message with no marks (the usual burst at a steady rate) is one
+        statement, its own transaction: no BEGIN and COMMIT to run."""
+        grouped = len(messages) + len(marks) > 1
         if grouped:
             conn.execute("BEGIN IMMEDIATE")
+        pending = self._pending - self._write_marks(conn, marks)
         seen_now: set[bytes] = set()
         for message in messages:
             if not 0 <= message.schema_id < _U64:
@@ -274,10 +289,9 @@ class InboxStore(SqliteStore):
         with self._lock:
             conn = self._connection()
             try:
-                cursor = conn.execute(
-                    "UPDATE messages SET consumed_at = ? WHERE id = ? AND consumed_at IS NULL",
-                    (now, message_id),
-                )
+                if self._consume_soon:
+                    return self._flush_marks(conn, [(now, message_id)]) > 0
+                cursor = conn.execute(_CONSUME, (now, message_id))
             except sqlite3.Error as exc:
                 rollback(conn)
                 raise storage_error(self.path, "cannot write the inbox", exc) from None
@@ -285,14 +299,67 @@ class InboxStore(SqliteStore):
                 self._pending -= 1
             return cursor.rowcount > 0
 
+    def consume_soon(self, message_id: bytes, now: float) -> None:
+        """`consume`, written with the next `accept_many` or `prune` (or once
+        CONSUME_SOON_LIMIT marks wait, or at `flush`/`close`) instead of in a
+        transaction of its own. For an application that dedups by id: a mark not
+        yet written when the process dies leaves the message pending, so it is
+        offered again after the restart. Reads (`pending`, `history`,
+        `pending_count`) write the waiting marks first: they never see them pending."""
+        with self._lock:
+            self._connection()
+            self._consume_soon.append((now, message_id))
+            if len(self._consume_soon) >= CONSUME_SOON_LIMIT:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        """Write the `consume_soon` marks that wait (one transaction)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._consume_soon:
+            return
+        conn = self._connection()
+        try:
+            self._flush_marks(conn, [])
+        except sqlite3.Error as exc:
+            rollback(conn)
+            raise storage_error(self.path, "cannot write the inbox", exc) from None
+
+    def _flush_marks(self, conn: sqlite3.Connection, more: list[tuple[float, bytes]]) -> int:
+        """Write the waiting marks and `more` in one transaction; how many of `more`
+        were pending. On failure the waiting marks keep waiting (rolled back)."""
+        marks, self._consume_soon = self._consume_soon, []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            done = self._write_marks(conn, marks)
+            extra = self._write_marks(conn, more)
+            conn.execute("COMMIT")
+        except BaseException:
+            self._consume_soon[:0] = marks
+            raise
+        self._pending -= done + extra
+        return extra
+
+    @staticmethod
+    def _write_marks(conn: sqlite3.Connection, marks: list[tuple[float, bytes]]) -> int:
+        """Mark these consumed; how many were pending."""
+        done = 0
+        for mark in marks:
+            done += conn.execute(_CONSUME, mark).rowcount
+        return done
+
     def prune(self, now: float) -> int:
         """Forget the ids whose deadline + grace has passed, and the history beyond
         `max_history`. Returns how many ids are no longer remembered (a message still
         kept is remembered, whatever its deadline). Call it now and then."""
         with self._lock:
             conn = self._connection()
+            marks, self._consume_soon = self._consume_soon, []
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                consumed = self._write_marks(conn, marks)
                 forgotten = conn.execute(
                     "DELETE FROM seen WHERE forget_after <= ?", (now,)
                 ).rowcount
@@ -316,10 +383,13 @@ class InboxStore(SqliteStore):
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 rollback(conn)
+                self._consume_soon[:0] = marks
                 raise storage_error(self.path, "cannot write the inbox", exc) from None
             except BaseException:
                 rollback(conn)
+                self._consume_soon[:0] = marks
                 raise
+            self._pending -= consumed
             return int(forgotten)
 
     # ------------------------------------------------------------------- read
@@ -333,7 +403,7 @@ class InboxStore(SqliteStore):
     def pending_count(self) -> int:
         """How many messages wait for the application."""
         with self._lock:
-            self._connection()
+            self._flush_locked()
             return self._pending
 
     def history(self, peer: bytes, limit: int = 100) -> list[InboxMessage]:
@@ -353,6 +423,13 @@ class InboxStore(SqliteStore):
 
     # --------------------------------------------------------------- lifecycle
 
+    def close(self) -> None:
+        """Write the waiting `consume_soon` marks (if the file lets us), then close."""
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(StorageError):
+                    self._flush_locked()
+        super().close()
 
     @staticmethod
     def _known(conn: sqlite3.Connection, message_id: bytes) -> bool:
@@ -369,6 +446,7 @@ class InboxStore(SqliteStore):
         if args[-1] < 0:
             raise ValueError("limit must be >= 0")
         with self._lock:
+            self._flush_locked()
             conn = self._connection()
             try:
                 rows = conn.execute(f"SELECT {_COLUMNS} FROM messages {where}", args).fetchall()

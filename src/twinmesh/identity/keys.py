@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import operator
+from typing import TYPE_CHECKING
 
 import nacl.bindings
 import nacl.exceptions
@@ -49,9 +51,13 @@ class PublicKey:
             raise ValueError("not a canonical base32 key (the last character is wrong)")
         return key
 
-    @property
-    def raw(self) -> bytes:
-        return self._raw
+    if TYPE_CHECKING:
+        @property
+        def raw(self) -> bytes: ...
+    else:
+        # A getter in C: hot tables key by `key.raw` (a bytes hash is cached, a
+        # PublicKey's `__hash__` is a Python call), and this must cost less than it.
+        raw = property(operator.attrgetter("_raw"), doc="The 32 key bytes.")
 
     @property
     def text(self) -> str:

@@ -56,6 +56,7 @@ from twinmesh.errors import (
     StorageError,
 )
 from twinmesh.identity.keys import PublicKey
+from twinmesh.nic import twin_frames
 from twinmesh.nic.health import Metric, outbox_metrics
 from twinmesh.nic.internal_errors import (
     OUTBOX_COMMIT,
@@ -269,6 +270,9 @@ class TwinPort:
         self._step_depth = 0
         self._step_packets: list[tuple[PublicKey, str, bytes]] = []
         self._step_mailboxes: dict[int, Mailbox] = {}
+        # The outbox timer wants re-arming (`_rearm`): done once at the end of a step
+        # or of a twin's frame, not once per message.
+        self._rearm_due = False
         # (NIC, "envelope" | "frame", bytes): envelopes are packed many to a packet.
         self._transmit_in, self._transmit_out = trio.open_memory_channel[
             tuple[PublicKey, str, bytes]](TRANSMIT_QUEUE)
@@ -324,6 +328,11 @@ class TwinPort:
             except Exception as exc:  # a bug: skip this step, keep the outbox running
                 self.internal_errors.record(OUTBOX_TIMER, exc)
                 await trio.sleep(TIMER_ERROR_PAUSE)
+
+    def _rearm_if_due(self) -> None:
+        if self._rearm_due:
+            self._rearm_due = False
+            self._rearm()
 
     def _rearm(self) -> None:
         # Later too, not only earlier: every message sets a retry timer that its ack
@@ -407,21 +416,26 @@ class TwinPort:
 
     def _committed(self, waiting: list[_Waiting], error: str) -> None:
         """The submissions in a commit: answer them, and send their envelopes."""
+        if error:
+            for submitted in waiting:
+                self._answer(submitted.session, submitted.request_id, ok=False,
+                             code="overloaded",
+                             message=f"the NIC could not store the message: {error}")
+                submitted.session.commits.release()
+            return
+        self.counters["outbox_accepted"] += len(waiting)
+        sessions = self.sessions
         for submitted in waiting:
-                session = submitted.session
-                if error:
-                    self._answer(session, submitted.request_id, ok=False, code="overloaded",
-                                 message=f"the NIC could not store the message: {error}")
-                else:
-                    self.counters["outbox_accepted"] += 1
-                    for transmit in submitted.transmits:
-                        self._transmit(transmit)
-                    sent = submitted.sent
-                    self._answer(session, submitted.request_id, ok=True,
-                                 status="queued" if sent is None else sent.status.value)
-                    if sent is not None:
-                        self._status_update(sent, but=session)
-                session.commits.release()
+            session = submitted.session
+            for transmit in submitted.transmits:
+                self._transmit(transmit)
+            sent = submitted.sent
+            self._answer(session, submitted.request_id, ok=True,
+                         status="queued" if sent is None else sent.status.value)
+            # The twin's other sessions hear "sent" too (the submitting one just did).
+            if sent is not None and len(sessions.get(session.twin, ())) > 1:
+                self._status_update(sent, but=session)
+            session.commits.release()
 
     @contextlib.contextmanager
     def _step(self) -> Iterator[None]:
@@ -434,6 +448,7 @@ class TwinPort:
                 self._end_step()
 
     def _end_step(self) -> None:
+        self._rearm_if_due()
         if self._batch:
             if self._waiting or self._committing or self._store is None:
                 self._batch_ready.set()
@@ -505,7 +520,9 @@ class TwinPort:
                 if output.status in FINAL:
                     self.counters[f"outbox_{output.status.value}"] += 1
                 self._status_update(output)
-        self._rearm()
+        self._rearm_due = True
+        if not self._step_depth:  # else the step's end does it
+            self._rearm_if_due()
 
     def _transmit(self, transmit: Transmit) -> None:
         if transmit.attempt > 1:
@@ -600,12 +617,16 @@ class TwinPort:
             # NIC) goes on.
             now = _unix_now()
             elsewhere = False
+            outbox = self.outbox
+            closed: list[Any] = []
             for message_id, token in header.acked():
-                outputs = self.outbox.acked(message_id, token, now)
+                outputs = outbox.acked(message_id, token, now)
                 if outputs:
-                    self._apply(outputs)
-                elif self.outbox.status(message_id) is None:
+                    closed += outputs
+                elif outbox.status(message_id) is None:
                     elsewhere = True
+            if closed:
+                self._apply(closed)
             if not elsewhere:
                 return
         if self._receivers(header.destination):
@@ -703,6 +724,13 @@ class TwinPort:
     async def _handle_frame(self, session: TwinSession, body: bytes,
                             nursery: trio.Nursery) -> None:
         """One frame a twin sent: decode it and do what it asks."""
+        submits = twin_frames.read_submits(body)
+        if submits is not None:  # nearly every frame: read without pycapnp
+            for item_id, envelope, reliable, fail_fast, payload_size in submits[1]:
+                await self._submit(session, item_id, envelope, reliable, fail_fast,
+                                   payload_size)
+            self._rearm_if_due()
+            return
         try:
             request_id, which, value = schemas.decode(
                 _local.LocalMessage, body, _read_request)
@@ -711,9 +739,11 @@ class TwinPort:
             return
         if which == "submit":
             await self._submit(session, request_id, *value)
+            self._rearm_if_due()
         elif which == "submits":
             for item_id, *fields in value:
                 await self._submit(session, item_id, *fields)
+            self._rearm_if_due()
         elif which == "status":
             state = self.outbox.status(value)
             status = state[0].value if state else "unknown"
@@ -806,18 +836,36 @@ class TwinPort:
         if refused is not None:
             await self._refused(session, request_id, refused)
             return
-        transmits = [o for o in outputs if isinstance(o, Transmit)]
-        sent = next((o for o in outputs if isinstance(o, StatusChanged)), None)
-        self._apply([o for o in outputs if not isinstance(o, Transmit | StatusChanged)])
-        if not any(isinstance(o, Persist) for o in outputs):
+        transmits: list[Transmit] = []
+        sent: StatusChanged | None = None
+        rest: list[Any] = []
+        persisted = False
+        for output in outputs:
+            if isinstance(output, Transmit):
+                transmits.append(output)
+            elif isinstance(output, StatusChanged):
+                if sent is None:
+                    sent = output
+            else:
+                persisted = persisted or isinstance(output, Persist)
+                rest.append(output)
+        if not persisted:
+            self._apply(rest)
             await self._result(session, request_id, ok=True, status="queued")  # resubmission
             return
+        # The timer is re-armed once per frame (`_handle_frame`).
+        self._rearm_due = True
         # Answered once committed, without holding up the next request; past
         # COMMITS_IN_FLIGHT waiting ones the session stops reading.
         try:
             session.commits.acquire_nowait()
         except trio.WouldBlock:
+            self._rearm_if_due()
             await session.commits.acquire()
+        # The Persist joins the batch with its waiting twin, never in a commit before
+        # it (that one would skip the fsync, and the writer drops a waiting list that
+        # comes without a batch).
+        self._batch += rest
         self._waiting.append(_Waiting(session, request_id, transmits, sent))
         self._batch_ready.set()
 
@@ -839,6 +887,7 @@ class TwinPort:
     ) -> None:
         if len(session.outgoing.items) >= session.outgoing.limit:
             # Results must not be lost: wait for room (the twin is reading slowly).
+            self._rearm_if_due()
             await session.outgoing.wait_room()
         self._answer(session, request_id, ok=ok, code=code, message=message, status=status)
 
@@ -929,48 +978,17 @@ def _local_frame(kind: str, run: list[Any]) -> bytes:
 def _local_frame_parts(kind: str, run: list[Any]) -> tuple[list[bytes], int]:
     """One LocalMessage for a run of results, status updates or deliveries: the single
     member for one, the list member for more. In one segment: the twin reads
-    one-segment frames of these kinds without pycapnp (bus/local_frames). Deliveries
-    are laid out by `flat` (pycapnp copied each envelope into its builder, and that
-    out again, into a zeroed segment as big as all of them): as parts to join."""
+    one-segment frames of these kinds without pycapnp (bus/local_frames). Written
+    without pycapnp too (`twin_frames`, `flat`; for deliveries pycapnp copied each
+    envelope into its builder, and that out again, into a zeroed segment as big as all
+    of them): as parts to join."""
     if kind == "deliver":
         if len(run) == 1:
             return flat.message_parts(_DELIVER_SECTION, run)
         return flat.blob_list_parts(_DELIVERIES_SECTION, run)
-    message = _local.LocalMessage.new_message(num_first_segment_words=_frame_words(kind, run))
     if kind == "status":
-        updates = [message.init("statusUpdate")] if len(run) == 1 else message.init(
-            "statusUpdates", len(run))
-        for update, (message_id, status, code) in zip(updates, run, strict=True):
-            update.messageId = message_id
-            update.status = status
-            update.code = code
-    else:
-        if len(run) == 1:
-            message.requestId = run[0][0]
-            results = [message.init("result")]
-        else:
-            results = message.init("results", len(run))
-        for result, (request_id, ok, code, text, status) in zip(results, run, strict=True):
-            result.requestId = request_id
-            result.ok = ok
-            result.code = code
-            result.message = text
-            result.status = status
-    frame = bytes(message.to_bytes())
-    return [frame], len(frame)
-
-
-def _frame_words(kind: str, run: list[Any]) -> int:
-    """An upper bound on the words of `_local_frame(kind, run)` (results and status
-    updates): each item's struct and list pointer (at most 8 words) plus its texts
-    rounded up."""
-    if kind == "status":
-        variable = sum(len(message_id) + len(status) + len(code)
-                       for message_id, status, code in run)
-    else:
-        variable = sum(len(code) + len(text.encode()) + len(status)
-                       for _, _, code, text, status in run)
-    return 16 + len(run) * 12 + variable // 8
+        return twin_frames.updates_parts(run)
+    return twin_frames.results_parts(run)
 
 
 def _packed(items: list[tuple[PublicKey, str, bytes]]) -> list[tuple[PublicKey, bytes]]:

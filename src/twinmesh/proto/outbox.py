@@ -87,7 +87,6 @@ import enum
 import hashlib
 import heapq
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 
 from twinmesh.identity.keys import PublicKey
@@ -221,8 +220,10 @@ class Outbox:
     def __post_init__(self) -> None:
         self._entries: dict[bytes, Entry] = {}
         self._timers: list[tuple[float, bytes]] = []  # (when, id); stale items skipped
-        self._per_destination: Counter[PublicKey] = Counter()
-        self._per_source: Counter[PublicKey] = Counter()
+        # Keyed by the keys' raw bytes (whose hash is cached in C): a PublicKey's
+        # hash is a Python call, and these are touched several times per message.
+        self._per_destination: dict[bytes, int] = {}
+        self._per_source: dict[bytes, int] = {}
         # id -> (status, code, until), oldest first.
         self._finished: dict[bytes, tuple[Status, str, float]] = {}
         self._srtt: float | None = None  # smoothed ack delay, seconds
@@ -236,7 +237,7 @@ class Outbox:
         # Retries due but without budget, in the order they fell due. Their timer is
         # their deadline; so is that of parked messages.
         self._held: dict[bytes, None] = {}
-        self._away: dict[PublicKey, _Away] = {}
+        self._away: dict[bytes, _Away] = {}  # by destination (raw)
         # Counters for the shell's metrics (only ever grow).
         self.held_retries = 0  # retries postponed for lack of budget
         self.parked_total = 0  # messages parked behind their destination's probe
@@ -272,10 +273,10 @@ class Outbox:
             return Refused("noRoute", f"no route to {destination.text} and fail-fast set"), []
         if len(self._entries) >= self.config.max_total:
             return Refused("overloaded", "the NIC outbox is full; try again later"), []
-        if self._per_destination[destination] >= self.config.max_per_destination:
+        if self._per_destination.get(destination.raw, 0) >= self.config.max_per_destination:
             return Refused("overloaded", f"{self.config.max_per_destination} messages "
                                          f"already queued for {destination.short}"), []
-        if self._per_source[source] >= self.config.max_per_source:
+        if self._per_source.get(source.raw, 0) >= self.config.max_per_source:
             return Refused("overloaded", "this twin has too many messages in flight"), []
         entry = Entry(id, source, destination, deadline, ack_hash, envelope, next_try=now,
                       fail_fast=fail_fast)
@@ -313,7 +314,7 @@ class Outbox:
             if entry.first_sent >= self._backed_off_at:  # sent under the backed-off RTO
                 self._backoff = 1.0
         out = self._finish(entry, Status.DELIVERED, "", now)
-        away = self._away.pop(entry.destination, None)
+        away = self._away.pop(entry.destination.raw, None)
         if away is not None:
             # The twin is back: what waited behind the probe goes now, unbudgeted (its
             # last copy was answered "offline", so none of these is a duplicate).
@@ -333,7 +334,7 @@ class Outbox:
         if code == "offline":
             self._answered_at = max(self._answered_at, now)
             self._held.pop(entry.id, None)
-            away = self._away.setdefault(entry.destination, _Away())
+            away = self._away.setdefault(entry.destination.raw, _Away())
             if away.probe is None:
                 away.probe = entry.id
             if away.probe == entry.id:
@@ -408,7 +409,7 @@ class Outbox:
         return len(self._entries)
 
     def queued_for(self, destination: PublicKey) -> int:
-        return self._per_destination[destination]
+        return self._per_destination.get(destination.raw, 0)
 
     def destination(self, message_id: bytes) -> PublicKey | None:
         """The destination twin of a message still in the outbox (None otherwise)."""
@@ -439,8 +440,10 @@ class Outbox:
 
     def _add(self, entry: Entry) -> None:
         self._entries[entry.id] = entry
-        self._per_destination[entry.destination] += 1
-        self._per_source[entry.source] += 1
+        per_destination, per_source = self._per_destination, self._per_source
+        destination, source = entry.destination.raw, entry.source.raw
+        per_destination[destination] = per_destination.get(destination, 0) + 1
+        per_source[source] = per_source.get(source, 0) + 1
 
     def retry_timeout(self) -> float:
         """The wait before a first retry: `initial_retry`, or the ack delay seen
@@ -501,7 +504,7 @@ class Outbox:
     def _must_park(self, entry: Entry) -> _Away | None:
         """The away record to park `entry` in; None if its destination is not away or
         it is (or becomes) the destination's probe."""
-        away = self._away.get(entry.destination)
+        away = self._away.get(entry.destination.raw)
         if away is None:
             return None
         if away.probe is None:
@@ -516,8 +519,11 @@ class Outbox:
     def _detach(self, entry: Entry, now: float) -> None:
         """Take `entry` out of the held queue and its destination's away record; a
         probe hands its role to the oldest parked message, which is retried at `now`."""
-        self._held.pop(entry.id, None)
-        away = self._away.get(entry.destination)
+        if self._held:
+            self._held.pop(entry.id, None)
+        if not self._away:
+            return
+        away = self._away.get(entry.destination.raw)
         if away is None:
             return
         away.parked.pop(entry.id, None)
@@ -529,7 +535,7 @@ class Outbox:
                 away.probe = successor.id
                 self._schedule(successor, now)
         if away.probe is None and not away.parked:
-            del self._away[entry.destination]
+            del self._away[entry.destination.raw]
 
     def _sample(self, delay: float) -> None:
         if delay < 0:
@@ -558,9 +564,12 @@ class Outbox:
         """The wait after attempt number `attempts`: the measured timeout doubled per
         attempt of this message, and never shorter than the backed-off timeout."""
         config = self.config
-        own = self._measured_timeout() * 2 ** min(max(attempts - 1, 0), 32)
-        return backoff_delay(1, initial=max(own, self.retry_timeout()),
-                             cap=config.max_retry, jitter=config.jitter, rng=self.rng)
+        measured = self._measured_timeout()
+        own = measured * 2 ** min(max(attempts - 1, 0), 32)
+        # min(max_retry, measured * backoff) is `retry_timeout()`, without the calls.
+        initial = max(own, min(config.max_retry, measured * self._backoff))
+        return backoff_delay(1, initial=initial, cap=config.max_retry,
+                             jitter=config.jitter, rng=self.rng)
 
     def _schedule(self, entry: Entry, when: float) -> None:
         # Never retry past the deadline: the last timer is the deadline itself.
@@ -574,12 +583,18 @@ class Outbox:
     def _remove(self, entry: Entry, now: float) -> None:
         self._detach(entry, now)
         del self._entries[entry.id]
-        self._per_destination[entry.destination] -= 1
-        if not self._per_destination[entry.destination]:
-            del self._per_destination[entry.destination]
-        self._per_source[entry.source] -= 1
-        if not self._per_source[entry.source]:
-            del self._per_source[entry.source]
+        per_destination, per_source = self._per_destination, self._per_source
+        destination, source = entry.destination.raw, entry.source.raw
+        left = per_destination[destination] - 1
+        if left:
+            per_destination[destination] = left
+        else:
+            del per_destination[destination]
+        left = per_source[source] - 1
+        if left:
+            per_source[source] = left
+        else:
+            del per_source[source]
 
     def _finish(self, entry: Entry, status: Status, code: str, now: float) -> list[Output]:
         self._remove(entry, now)

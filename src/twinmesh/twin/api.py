@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from twinmesh.errors import ApiError, TwinmeshError
@@ -123,6 +124,34 @@ async def handle(twin: Twin, raw: str | bytes) -> dict[str, Any]:
         request_id, which, value = parse_request(raw)
     except ApiError as exc:
         return error_response(_guess_id(raw), exc.code, exc.message)
+    return await answer(twin, request_id, which, value)
+
+
+def answer_soon(twin: Twin, request_id: int, which: str, value: Any,
+                done: Callable[[dict[str, Any]], None],
+                spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> bool:
+    """Answer a parsed request through a callback where that saves a task: a chat
+    `send` that does not wait (`Twin.send_text_soon`). True: `done` gets the response
+    exactly once (perhaps already did); False: nothing was done, call `answer`."""
+    if which != "send" or value["wait"]:
+        return False
+
+    def sent(result: dict[str, Any] | ApiError) -> None:
+        if isinstance(result, ApiError):
+            done(error_response(request_id, result.code, result.message))
+        else:
+            done({"id": request_id, "sent": result})
+
+    try:
+        return twin.send_text_soon(value["twin"], value["text"], ttl=value["ttl"],
+                                   done=sent, spawn=spawn)
+    except ApiError as exc:
+        done(error_response(request_id, exc.code, exc.message))
+        return True
+
+
+async def answer(twin: Twin, request_id: int, which: str, value: Any) -> dict[str, Any]:
+    """The response to a parsed request; never raises for anything the caller sent."""
     try:
         result = await dispatch(twin, which, value)
     except ApiError as exc:

@@ -18,7 +18,11 @@ A busy twin answers a request every few milliseconds on each of its connections,
 the per-request path avoids what costs a timer or a task switch: no hand-over to the
 writer while the socket keeps up, the idle and stall deadlines are cancel scopes that
 last for many frames (moved rarely, and checked when they fire), and a free slot is
-taken without a checkpoint.
+taken without a checkpoint. A chat `send` (most of what a busy twin is asked) gets no
+task at all: it is sealed and handed to the NIC by the reader, and answered from the
+bus client's reader when the NIC's result arrives (`api.answer_soon`); the slot it
+holds until then keeps the bound, and the connection ends only once every slot is
+back, so each such request is answered exactly once.
 
 A frame that is not a valid request gets a `malformed` error answer and the connection
 goes on. Only a frame the stream cannot carry (over MAX_REQUEST_FRAME, or cut off by
@@ -99,17 +103,26 @@ class ControlConnection:
         self._last_frame = 0.0  # when the last frame arrived (trio time)
         self._writing = False  # the writer task is sending
         self._backlog = 0  # frames handed to the writer task and not yet sent
+        self._connection: trio.Nursery | None = None  # `run`'s, for callbacks' tasks
 
     async def run(self) -> None:
         self._last_frame = trio.current_time()
-        with self._connection_scope:
-            async with trio.open_nursery() as connection:
-                connection.start_soon(self._write_all)
-                async with trio.open_nursery() as requests:
-                    await self._read_all(requests, connection)
-                # Answers to requests already read are still sent; then the writer ends.
-                self._events_scope.cancel()
-                await self._outgoing_send.aclose()
+        try:
+            with self._connection_scope:
+                async with trio.open_nursery() as connection:
+                    self._connection = connection
+                    connection.start_soon(self._write_all)
+                    async with trio.open_nursery() as requests:
+                        await self._read_all(requests, connection)
+                    # Answers to requests already read are still sent (those answered
+                    # by callbacks too: every slot back means every request answered);
+                    # then the writer ends.
+                    for _ in range(MAX_IN_FLIGHT):
+                        await self._slots.acquire()
+                    self._events_scope.cancel()
+                    await self._outgoing_send.aclose()
+        finally:
+            self._connection = None  # a callback answering later has nobody to tell
 
     async def _read_all(self, requests: trio.Nursery, connection: trio.Nursery) -> None:
         waiting: bytes | None = None  # a frame read while every slot was taken
@@ -117,7 +130,7 @@ class ControlConnection:
             if waiting is not None:
                 await self._slots.acquire()
                 self._last_frame = trio.current_time()  # waiting for a slot is not idling
-                requests.start_soon(self._answer, waiting, connection)
+                self._start(waiting, requests, connection)
             try:
                 waiting = await self._read_frames(requests, connection)
             except trio.TooSlowError:
@@ -151,15 +164,42 @@ class ControlConnection:
                         self._slots.acquire_nowait()
                     except trio.WouldBlock:
                         return body
-                    requests.start_soon(self._answer, body, connection)
+                    self._start(body, requests, connection)
             if not self._subscribed and (
                     trio.current_time() >= self._last_frame + IDLE_TIMEOUT):
                 raise trio.TooSlowError
 
-    async def _answer(self, body: bytes, connection: trio.Nursery) -> None:
+    def _start(self, body: bytes, requests: trio.Nursery, connection: trio.Nursery) -> None:
+        """Answer a request that holds a slot: through a callback when the twin can
+        (a chat `send`: no task, no wait for the NIC's result), else in a task."""
+        try:
+            request: tuple[int, str, Any] | None = api.parse_request(body)
+        except ApiError:
+            request = None  # `_answer` says what is wrong
+        if request is not None:
+            try:
+                if api.answer_soon(self.twin, *request, done=self._answered,
+                                   spawn=connection.start_soon):
+                    return
+            except Exception as exc:  # a bug in the twin must not take the socket down
+                self.log.exception("control request failed")
+                self._answered(api.error_response(request[0], "internal", repr(exc)))
+                return
+        requests.start_soon(self._answer, body, request, connection)
+
+    def _answered(self, response: dict[str, Any]) -> None:
+        """A callback's answer: sent (or queued) at once; its slot is free again."""
+        try:
+            self._queue_now(response)
+        finally:
+            self._slots.release()
+
+    async def _answer(self, body: bytes, request: tuple[int, str, Any] | None,
+                      connection: trio.Nursery) -> None:
         try:
             try:
-                response = await api.handle(self.twin, body)
+                response = await (api.handle(self.twin, body) if request is None
+                                  else api.answer(self.twin, *request))
             except Exception as exc:  # a bug in the twin must not take the socket down
                 self.log.exception("control request failed")
                 response = api.error_response(api._guess_id(body), "internal", repr(exc))
@@ -193,19 +233,29 @@ class ControlConnection:
         self.log.info("control connection closed", reason="the twin ended the subscription")
         self._connection_scope.cancel()
 
+    def _send_inline(self, frame: bytes) -> bytes | None:
+        """Send what the socket takes at once when nothing waits ahead; the rest, for
+        the writer (None: all sent, or nobody to send it to)."""
+        if self._backlog:
+            return frame
+        try:
+            sent = self.framed.send_now(frame)
+        except trio.BrokenResourceError:
+            self._gone("the client went away")
+            return None
+        except trio.ClosedResourceError:
+            return None  # the connection is over: nobody to answer
+        if sent == len(frame):
+            return None
+        return frame[sent:]  # the socket is full: the writer sends the rest first
+
     async def _queue(self, message: dict[str, Any]) -> None:
         frame = self._encode(message)
         if frame is None:
             return
-        if not self._backlog:
-            try:
-                sent = self.framed.send_now(frame)
-            except trio.BrokenResourceError:
-                self._gone("the client went away")
-                return
-            if sent == len(frame):
-                return
-            frame = frame[sent:]  # the socket is full: the writer sends the rest first
+        frame = self._send_inline(frame)
+        if frame is None:
+            return
         self._backlog += 1
         # Closed: the connection is closing and nobody is left to read it.
         with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
@@ -213,6 +263,29 @@ class ControlConnection:
                 self._outgoing_send.send_nowait(frame)
             except trio.WouldBlock:  # the writer is behind: wait for room
                 await self._outgoing_send.send(frame)
+
+    def _queue_now(self, message: dict[str, Any]) -> None:
+        """`_queue` for a caller that cannot wait (a callback, after `run` perhaps)."""
+        connection = self._connection
+        frame = self._encode(message)
+        if frame is None or connection is None:
+            return
+        frame = self._send_inline(frame)
+        if frame is None:
+            return
+        self._backlog += 1
+        try:
+            self._outgoing_send.send_nowait(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # closing: nobody is left to read it
+        except trio.WouldBlock:
+            # The writer is behind: a task waits for room (answers hold slots, so at
+            # most MAX_IN_FLIGHT of them).
+            connection.start_soon(self._queue_later, frame)
+
+    async def _queue_later(self, frame: bytes) -> None:
+        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._outgoing_send.send(frame)
 
     def _encode(self, message: dict[str, Any]) -> bytes | None:
         """The frame for an answer or event. An answer that cannot be sent becomes an

@@ -23,7 +23,7 @@ import functools
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -416,20 +416,10 @@ class Twin:
                         wait: bool = False) -> dict[str, Any]:
         """Record and send a chat message; with `wait`, answer once it is delivered,
         expired or failed."""
-        peer = parse_twin(twin)
-        if not text:
-            raise ApiError("malformed", "an empty message")
-        if len(text) > MAX_TEXT:
-            raise ApiError("tooLarge", f"a message of {len(text)} characters exceeds {MAX_TEXT}")
-        if not 1.0 <= ttl <= MAX_TTL:
-            raise ApiError("malformed", f"ttl must be between 1 and {MAX_TTL:g} seconds")
-        payload = local_frames.text_payload(text)
-        if len(payload) > MAX_PAYLOAD:
-            raise ApiError("tooLarge", "the message does not fit in one bus message")
+        peer, payload = _chat_payload(twin, text, ttl)
         now = time.time()
         envelope, header = self.crypto.seal_message(
             peer, payload, _TEXT_ID, now=now, ttl=ttl)
-        store = self._store()
         bus = self.bus
         waiting: WaitingRow | None = None
         if bus is not None and not self._has_waiting:
@@ -449,33 +439,108 @@ class Twin:
         else:
             waiting = WaitingRow(header.id, envelope, len(payload), header.deadline)
         if waiting is None:
-            # The NIC's updates can overtake our own record of the message: recorded
-            # as it stands now (`set_status` would give the same row).
-            status, code = self._recent_status.get(header.id, ("queued", ""))
-            row = ChatRow(header.id, peer.raw, True, text, now, status, code)
+            row = self._record_handed_over(peer, text, now, header.id)
+            if not wait:
+                return self._chat_entry(row)  # nothing awaited since: the store holds `row`
         else:
-            row = ChatRow(header.id, peer.raw, True, text, now, "waiting", "")
-        try:
-            if waiting is None:
-                store.add_chat(row)
-            else:  # power safe: an fsync, off the event loop
-                await trio.to_thread.run_sync(store.add_chat, row, waiting)
-        except StorageError as exc:
-            # Not recorded here; if the NIC took it, it is still delivered.
-            raise ApiError("overloaded", str(exc)) from None
-        self._stored(header.id, (row.status, row.code))
-        if waiting is not None:
-            self._has_waiting = True
-        if self._subscribers:
-            self._emit({"message": self._chat_entry(row)})
-        if waiting is None and not wait:
-            return self._chat_entry(row)  # nothing awaited since: the store holds `row`
-        if waiting is not None and self.bus is not None:
-            await self.flush_waiting()
+            row = await self._record_waiting(peer, text, now, waiting)
         if wait:
             await self._wait_final(header.id, header.deadline + 5.0 - time.time())
-        current = store.chat_entry(header.id)
+        current = self._store().chat_entry(header.id)
         return self._chat_entry(current or row)
+
+    def send_text_soon(self, twin: str, text: str, *, ttl: float,
+                       done: Callable[[dict[str, Any] | ApiError], None],
+                       spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> bool:
+        """`send_text` (without `wait`) for a caller that takes the answer as a
+        callback: no task waits for the NIC. `done` gets the chat entry or the
+        ApiError, exactly once: usually from the bus client's reader when the NIC's
+        result arrives; when the NIC turns out to be gone, from a task started with
+        `spawn` that keeps the message waiting here (power safe), as `send_text` does.
+        Raises ApiError at once for a request that is not valid (`done` is not
+        called then). False (nothing done): this needs waiting (no NIC, envelopes
+        still waiting, a NIC that is not reading): call `send_text`."""
+        bus = self.bus
+        if bus is None or self._has_waiting:
+            return False
+        peer, payload = _chat_payload(twin, text, ttl)
+        now = time.time()
+        envelope, header = self.crypto.seal_message(peer, payload, _TEXT_ID, now=now, ttl=ttl)
+
+        def submitted(error: BusError | None) -> None:
+            self._recording.discard(header.id)
+            answer: dict[str, Any] | ApiError
+            try:
+                if error is not None and error.code == "offline":
+                    waiting = WaitingRow(header.id, envelope, len(payload), header.deadline)
+                    spawn(functools.partial(self._keep_waiting, peer, text, now, waiting,
+                                            done))
+                    return
+                if error is not None:
+                    answer = ApiError(error.code, _reason(error))
+                else:
+                    answer = self._chat_entry(self._record_handed_over(
+                        peer, text, now, header.id))
+            except ApiError as exc:
+                answer = exc
+            except Exception as exc:  # a bug here must still answer the request
+                self.log.exception("send not recorded")
+                answer = ApiError("internal", repr(exc))
+            done(answer)
+
+        # `_on_statuses` leaves it to `submitted` (which records the latest status).
+        self._recording.add(header.id)
+        if not bus.submit_sealed_soon(envelope, len(payload), header.id, submitted):
+            self._recording.discard(header.id)
+            return False
+        return True
+
+    async def _keep_waiting(self, peer: PublicKey, text: str, now: float,
+                            waiting: WaitingRow,
+                            done: Callable[[dict[str, Any] | ApiError], None]) -> None:
+        answer: dict[str, Any] | ApiError = ApiError("offline", "the twin is stopping")
+        try:
+            row = await self._record_waiting(peer, text, now, waiting)
+            current = self._store().chat_entry(waiting.id)
+            answer = self._chat_entry(current or row)
+        except ApiError as exc:
+            answer = exc
+        finally:
+            done(answer)
+
+    def _record_handed_over(self, peer: PublicKey, text: str, now: float,
+                            message_id: bytes) -> ChatRow:
+        """Record a message the NIC took (one commit, no fsync)."""
+        # The NIC's updates can overtake our own record of the message: recorded as it
+        # stands now (`set_status` would give the same row).
+        status, code = self._recent_status.get(message_id, ("queued", ""))
+        row = ChatRow(message_id, peer.raw, True, text, now, status, code)
+        try:
+            self._store().add_chat(row)
+        except StorageError as exc:
+            # Not recorded here; the NIC took it, so it is still delivered.
+            raise ApiError("overloaded", str(exc)) from None
+        self._stored(message_id, (row.status, row.code))
+        if self._subscribers:
+            self._emit({"message": self._chat_entry(row)})
+        return row
+
+    async def _record_waiting(self, peer: PublicKey, text: str, now: float,
+                              waiting: WaitingRow) -> ChatRow:
+        """Record a message no NIC took, with its envelope (power safe: an fsync, off
+        the event loop), then hand what waits to the NIC if one is attached."""
+        row = ChatRow(waiting.id, peer.raw, True, text, now, "waiting", "")
+        try:
+            await trio.to_thread.run_sync(self._store().add_chat, row, waiting)
+        except StorageError as exc:
+            raise ApiError("overloaded", str(exc)) from None
+        self._stored(waiting.id, (row.status, row.code))
+        self._has_waiting = True
+        if self._subscribers:
+            self._emit({"message": self._chat_entry(row)})
+        if self.bus is not None:
+            await self.flush_waiting()
+        return row
 
     async def _wait_final(self, message_id: bytes, timeout: float) -> None:
         with trio.move_on_after(max(0.0, timeout)):
@@ -646,6 +711,21 @@ def _holds(stored: tuple[str, str] | None, change: tuple[bytes, str, str]) -> bo
 def _reason(exc: BusError) -> str:
     text = str(exc)
     return text.removeprefix(f"{exc.code}: ")
+
+
+def _chat_payload(twin: str, text: str, ttl: float) -> tuple[PublicKey, bytes]:
+    """The destination and payload of a chat message; ApiError saying what is wrong."""
+    peer = parse_twin(twin)
+    if not text:
+        raise ApiError("malformed", "an empty message")
+    if len(text) > MAX_TEXT:
+        raise ApiError("tooLarge", f"a message of {len(text)} characters exceeds {MAX_TEXT}")
+    if not 1.0 <= ttl <= MAX_TTL:
+        raise ApiError("malformed", f"ttl must be between 1 and {MAX_TTL:g} seconds")
+    payload = local_frames.text_payload(text)
+    if len(payload) > MAX_PAYLOAD:
+        raise ApiError("tooLarge", "the message does not fit in one bus message")
+    return peer, payload
 
 
 def parse_twin(text: str) -> PublicKey:

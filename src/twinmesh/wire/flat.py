@@ -231,3 +231,67 @@ def _lay_out(blobs: tuple[bytes, ...] | list[bytes]) -> tuple[list[bytes], list[
             body.append(_ZEROS[:pad])
         position += (size + 7) >> 3
     return body, pointers, position
+
+
+# A list pointer to a list of structs (element size 7), and the first word of such a
+# list: its element count, then each element's data words and pointers.
+_COMPOSITE_LIST = 7
+
+
+def struct_parts(data_section: bytes, child_data: bytes, child_blobs: tuple[bytes, ...]
+                 ) -> tuple[list[bytes], int]:
+    """A one-segment message whose root struct has `data_section` and one pointer, to
+    a struct of `child_data` (whole words) and one Data pointer per child blob, the
+    blobs after it (an empty blob is a null pointer). As the parts to join and their
+    total size."""
+    root_words = len(data_section) // 8
+    data_words = len(child_data) // 8
+    count = len(child_blobs)
+    body, pointers, blob_words = _lay_out(child_blobs)
+    size = 1 + root_words + 1 + data_words + count + blob_words
+    return [_HEAD.pack(0, size, struct_pointer(0, root_words, 1)), data_section,
+            U64.pack(struct_pointer(0, data_words, count)), child_data,
+            pointer_run(count).pack(*pointers), *body], 8 + size * 8
+
+
+def struct_list_parts(data_section: bytes, data_words: int, items: list[bytes],
+                      item_blobs: list[tuple[bytes, ...]]) -> tuple[list[bytes], int]:
+    """A one-segment message whose root struct has `data_section` and one pointer, to
+    a list of structs: item i has data section `items[i]` (`data_words` words) and one
+    Data pointer per blob of `item_blobs[i]` (all alike in number; an empty blob is a
+    null pointer), the blobs after the list in item order. As the parts to join and
+    their total size."""
+    root_words = len(data_section) // 8
+    count = len(items)
+    pointers = len(item_blobs[0]) if item_blobs else 0
+    element = data_words + pointers
+    run = pointer_run(pointers)
+    # Word positions in the segment (word 0 is the root pointer).
+    blob_at_word = 1 + root_words + 2 + count * element
+    pointer_word = 1 + root_words + 2 + data_words  # item 0's first pointer
+    parts: list[bytes] = [b"", data_section,
+                          U64.pack(1 | _COMPOSITE_LIST << 32 | (count * element) << 35),
+                          U64.pack(count << 2 | data_words << 32 | pointers << 48)]
+    body: list[bytes] = []
+    for data, blobs in zip(items, item_blobs, strict=True):
+        words: list[int] = []
+        position = pointer_word
+        for blob in blobs:
+            size = len(blob)
+            if not size:
+                words.append(0)
+            else:
+                words.append(1 | (blob_at_word - position - 1) << 2 | _BYTE_LIST << 32
+                             | size << 35)
+                body.append(blob)
+                pad = -size & 7
+                if pad:
+                    body.append(_ZEROS[:pad])
+                blob_at_word += (size + 7) >> 3
+            position += 1
+        parts.append(data)
+        parts.append(run.pack(*words))
+        pointer_word += element
+    parts[0] = _HEAD.pack(0, blob_at_word, struct_pointer(0, root_words, 1))
+    parts += body
+    return parts, 8 + blob_at_word * 8
