@@ -17,10 +17,11 @@ chat message to a random other twin `--rate` times a second (random phase) for
 `--duration` seconds, then waits (bounded) for the deliveries. It is open-loop: one
 scheduler task writes the `send` requests when they are due and reads the twins'
 answers after the run (errors count as refused), so the driver's own CPU stays small
-next to what it measures. Latency is the time
-from the sender recording a message to the receiver recording it (both in their twin
-stores, one machine, one clock). CPU and RSS per NIC and per twin come from /proc;
-NIC counters (outbox retries, link frames, DHT messages) from /metrics.
+next to what it measures. Latency is the time from the sender recording a message to
+the receiver recording it (both in their twin stores, one machine, one clock; read
+back after each run through the twins' control API, `inbox` since the run began: the
+stores are the twins' alone). CPU and RSS per NIC and per twin come from /proc; NIC
+counters (outbox retries, link frames, DHT messages) from /metrics.
 `--push` then repeats shorter runs at higher per-twin rates and reports the highest
 rate that still delivered everything with p99 under 100 ms. `--profile DIR` runs every
 pnicd and twind under cProfile (wall-clock: for where the time goes, not the figures).
@@ -37,7 +38,6 @@ import json
 import math
 import os
 import random
-import sqlite3
 import sys
 import time
 import urllib.request
@@ -65,6 +65,8 @@ END = "<!-- scale:end -->"
 P99_GOAL = 0.100
 SETTLE_LIMIT = 60.0
 ANSWER_LIMIT = 30.0  # reading back the answers to one run's requests
+INBOX_PAGE = 2000  # chat entries per `inbox` answer when collecting (the API's cap: 10 000)
+MAX_INBOX_PAGES = 100  # per twin and collection (the twin keeps 100 000 entries at most)
 # NIC counters summed over all NICs and reported per message sent.
 COUNTERS = {
     "retries": "twinmesh_outbox_retries_total",
@@ -218,6 +220,25 @@ class Driver:
         await self.streams[i].send_all(encode_frame(body, CONTROL_MAX_FRAME))
         self.unanswered[i] += 1
 
+    async def call(self, i: int, which: str, value: Any) -> Any:
+        """Ask twin `i` one request and return its answer's body (ApiError for an
+        error answer). Answers to `send`s that come first (late ones, after `answers`
+        stopped waiting) are passed over. One call per twin at a time."""
+        request_id = next(self._ids)
+        body = json.dumps({"id": request_id, which: value}).encode()
+        await self.streams[i].send_all(encode_frame(body, CONTROL_MAX_FRAME))
+        while True:
+            frame = await self.framed[i].receive()
+            if frame is None:
+                raise ApiError("disconnected", f"twin {i} closed its control socket")
+            answer = json.loads(frame)
+            if answer.get("id") == request_id:
+                break
+            self.unanswered[i] = max(0, self.unanswered[i] - 1)
+        if "error" in answer:
+            raise ApiError(answer["error"]["code"], answer["error"]["message"])
+        return answer[which]
+
     async def answers(self) -> tuple[int, int]:
         """(answered, refused): read every outstanding answer, bounded in time."""
         counts = [0, 0]
@@ -258,18 +279,30 @@ async def load(driver: Driver, ids: list[str], run: Run, rng: random.Random) -> 
     run.refused = refused
 
 
-def collect(twin_dirs: list[Path], since: float) -> tuple[dict[bytes, float], dict[bytes, float]]:
-    """(sent id -> time, received id -> time) of chat entries after `since`."""
-    sent: dict[bytes, float] = {}
-    received: dict[bytes, float] = {}
-    for directory in twin_dirs:
-        conn = sqlite3.connect(f"file:{directory / 'twin.sqlite3'}?mode=ro", uri=True)
-        try:
-            for message_id, outgoing, at in conn.execute(
-                    "SELECT id, outgoing, at FROM chat WHERE at >= ?", (since,)):
-                (sent if outgoing else received)[bytes(message_id)] = at
-        finally:
-            conn.close()
+async def collect(driver: Driver, since: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(sent id -> time, received id -> time) of the chat entries every twin recorded
+    at or after `since`, asked of the twins over their control connections (their
+    stores are theirs alone while they run), in pages, all twins at once."""
+    sent: dict[str, float] = {}
+    received: dict[str, float] = {}
+
+    async def one(i: int) -> None:
+        start = since
+        for _ in range(MAX_INBOX_PAGES):
+            page = await driver.call(i, "inbox", {"since": start, "limit": INBOX_PAGE})
+            for entry in page:
+                (sent if entry["outgoing"] else received)[entry["id"]] = entry["at"]
+            if len(page) < INBOX_PAGE:
+                return
+            if page[-1]["at"] == start:  # a page of one instant: reading on cannot move
+                raise ApiError("tooLarge", f"twin {i}: over {INBOX_PAGE} entries at {start}")
+            start = page[-1]["at"]  # that instant's entries come again: counted once
+        raise ApiError("tooLarge", f"twin {i}: over {MAX_INBOX_PAGES} pages of chat entries")
+
+    with trio.fail_after(ANSWER_LIMIT):
+        async with trio.open_nursery() as nursery:
+            for i in range(len(driver.streams)):
+                nursery.start_soon(one, i)
     return sent, received
 
 
@@ -292,11 +325,11 @@ async def measure(deployment: Deployment, driver: Driver, run: Run,
     run.twin_cpu = (cpu_after[1] - cpu_before[1]) / run.elapsed / len(deployment.twin_ids)
     with trio.move_on_after(SETTLE_LIMIT):
         while True:
-            sent, received = await trio.to_thread.run_sync(collect, deployment.twin_dirs, since)
+            sent, received = await collect(driver, since)
             if len(sent) >= run.sent and all(i in received for i in sent):
                 break
             await trio.sleep(1.0)
-    sent, received = await trio.to_thread.run_sync(collect, deployment.twin_dirs, since)
+    sent, received = await collect(driver, since)
     # What the twins recorded as sent counts (a call that timed out in the driver may
     # still have been accepted by its twin).
     run.sent = len(sent)

@@ -22,6 +22,9 @@ struct SendRequest {
 struct InboxRequest {
   peer @0 :Text;             # only the conversation with this twin ("" = all)
   limit @1 :UInt32 = 50;     # the newest this many, oldest first
+  since @2 :Float64;         # > 0: instead the first `limit` entries recorded at or after
+                             # this time (unix seconds), in time order; read on from the
+                             # last one's `at` (entries of that very time come again)
 }
 
 struct ContactRequest {

@@ -3,12 +3,14 @@ in its round still return; rounds run on the loop while the disk is quick."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 import trio
 
+from twinmesh import group_sync
 from twinmesh.commit_placement import INLINE_MAX_ITEMS
 from twinmesh.errors import StorageError
 from twinmesh.group_sync import GroupSync
@@ -184,3 +186,112 @@ async def test_rounds_run_inline_while_the_worker_runs_if_the_disk_is_quick(
         conn.close()
     assert group.rounds == group.inline_rounds == 3
 
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@PLACEMENTS
+async def test_logs_stay_open_between_rounds_while_it_runs_and_close_after(
+        tmp_path: Path, inline_bound: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "store.sqlite3"
+    conn = _wal_database(path)
+    group = GroupSync(inline_bound=inline_bound)
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording_open(file: str, *args: int) -> int:
+        opened.append(str(file))
+        return real_open(file, *args)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    try:
+        async with trio.open_nursery() as daemon:
+            await daemon.start(group.run)
+            conn.execute("INSERT INTO t VALUES (0)")
+            await group.sync(path)
+            fds, opens = _open_fds(), len(opened)
+            for n in range(1, 6):
+                conn.execute("INSERT INTO t VALUES (?)", (n,))
+                await group.sync(path)
+                assert _open_fds() == fds  # nothing left open per round
+            assert len(opened) == opens  # nor opened: the log's descriptor was kept
+            assert group.open_logs == 1
+            daemon.cancel_scope.cancel()
+        assert group.open_logs == 0  # `run` ended: nothing held
+        await group.sync(path)  # alone, a round opens and closes the log again
+        assert group.open_logs == 0
+    finally:
+        conn.close()
+    assert group.rounds == 7
+
+
+async def test_the_logs_kept_open_are_bounded(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(group_sync, "MAX_OPEN_LOGS", 2)
+    paths = [tmp_path / f"store-{i}.sqlite3" for i in range(5)]
+    conns = [_wal_database(p) for p in paths]
+    group = GroupSync(inline_bound=float("inf"))
+    try:
+        async with trio.open_nursery() as daemon:
+            await daemon.start(group.run)
+            for conn, path in zip(conns, paths, strict=True):
+                conn.execute("INSERT INTO t VALUES (1)")
+                await group.sync(path)
+                assert group.open_logs <= 2
+            # The least recently synced went first; syncing it again still works.
+            await group.sync(paths[0])
+            assert group.open_logs == 2
+            daemon.cancel_scope.cancel()
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+@PLACEMENTS
+async def test_a_store_reopened_between_rounds_gets_its_new_log_synced(
+        tmp_path: Path, inline_bound: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store closing deletes its log; the next one creates another file under the
+    same name. The descriptor kept for the old file must not answer for the new."""
+    path = tmp_path / "store.sqlite3"
+    wal = tmp_path / "store.sqlite3-wal"
+    synced: list[int] = []  # inode of each file fdatasynced
+    real_fdatasync = os.fdatasync
+
+    def recording_fdatasync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    group = GroupSync(inline_bound=inline_bound)
+    async with trio.open_nursery() as daemon:
+        await daemon.start(group.run)
+        conn = _wal_database(path)
+        conn.execute("INSERT INTO t VALUES (1)")
+        await group.sync(path)
+        old_log = wal.stat().st_ino
+        assert synced[-1] == old_log
+        conn.close()  # checkpointed into the database, log deleted
+        assert not wal.exists()
+        with pytest.raises(StorageError, match="cannot make the commit durable"):
+            await group.sync(path)  # no log to sync is said, not papered over
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("INSERT INTO t VALUES (2)")
+            await group.sync(path)
+            assert synced[-1] == wal.stat().st_ino  # the new log, not the old file
+            # A log replaced while its descriptor is held (no failed round between).
+            await group.sync(path)
+            held = synced[-1]
+            conn.close()
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("INSERT INTO t VALUES (3)")
+            assert wal.stat().st_ino != held
+            await group.sync(path)
+            assert synced[-1] == wal.stat().st_ino
+        finally:
+            conn.close()
+        daemon.cancel_scope.cancel()

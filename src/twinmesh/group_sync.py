@@ -34,6 +34,18 @@ disk blocks the loop once per probe at most. Measured in the scale bench (30 twi
 one twind, 60 msgs/s): twind's CPU per message 4-8 % lower than with every round in
 the thread.
 
+Descriptors kept open: a round used to open and close each log (one openat and one
+close per message at low batching). While `run()` runs, the last `MAX_OPEN_LOGS` logs
+synced stay open between rounds (least recently synced closed first). A log can be
+replaced meanwhile: a store that closes deletes it (after checkpointing it into the
+database, synced), and the store opened next creates a new file under that name. So
+each round first stats the name, and syncs the kept descriptor only if the name still
+names the file it holds (device and inode: an inode cannot be reused while our
+descriptor keeps it alive); otherwise it opens the new log (and syncs its directory
+entry again, as sqlite's FULL does for a new log). A commit that asked for a round
+was written before the round's stat, so the file the stat finds holds it: a stale
+descriptor never answers for a new log.
+
 Sans-I/O is not possible here (this is the I/O); the logic is small on purpose.
 """
 
@@ -42,7 +54,9 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import resource
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -51,6 +65,9 @@ from twinmesh.commit_placement import INLINE_COMMIT_BOUND, CommitPlacement, Stal
 from twinmesh.errors import StorageError
 
 KEEP_ROUNDS = 64  # answers kept for callers of a round still waiting for the lock
+# Logs kept open between rounds; a twind of 250 twins keeps all of theirs. Also at
+# most a quarter of the process's descriptor limit (stores and sockets need the rest).
+MAX_OPEN_LOGS = 1024
 
 
 class GroupSync:
@@ -65,6 +82,11 @@ class GroupSync:
         self._done = -1  # the last round that finished
         self._failed: dict[int, dict[Path, str]] = {}
         self._dirs_synced: set[Path] = set()  # touched only by the round under way
+        # Logs open between rounds, least recently synced first: touched only by the
+        # round under way, or on the loop while no round is (the lock is free).
+        self._logs: dict[Path, _OpenLog] = {}
+        self._keep_logs = False  # while `run` runs
+        self._max_logs = _max_open_logs()
         self._worker: _Worker | None = None  # set while `run` runs
         self._placement = None if inline_bound is None else CommitPlacement(inline_bound)
         self._clock = StallClock()  # read on the event loop's thread only
@@ -83,9 +105,13 @@ class GroupSync:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(worker.serve)
                 self._worker = worker
+                self._keep_logs = True
                 task_status.started()
         finally:
             self._worker = None
+            self._keep_logs = False
+            if not self._lock.locked():  # else the lock's holder closes them
+                self._close_logs()
             worker.close()
 
     async def sync(self, path: Path) -> None:
@@ -94,15 +120,19 @@ class GroupSync:
         ticket = self._round
         self._pending.add(path)
         async with self._lock:
-            if self._done < ticket:
-                batch, self._pending = self._pending, set()
-                self._round += 1
-                failed = await self._run_round(batch)
-                self._failed[ticket] = failed
-                self._done = ticket
-                self._failed.pop(ticket - KEEP_ROUNDS, None)
-                self.rounds += 1
-                self.files += len(batch)
+            try:
+                if self._done < ticket:
+                    batch, self._pending = self._pending, set()
+                    self._round += 1
+                    failed = await self._run_round(batch)
+                    self._failed[ticket] = failed
+                    self._done = ticket
+                    self._failed.pop(ticket - KEEP_ROUNDS, None)
+                    self.rounds += 1
+                    self.files += len(batch)
+            finally:
+                if self._logs and not self._keep_logs:  # `run` ended while we waited
+                    self._close_logs()
             error = self._failed.get(ticket, {}).get(path)
         if error is not None:
             raise StorageError(error)
@@ -123,17 +153,93 @@ class GroupSync:
 
     def _sync_files(self, paths: set[Path]) -> dict[Path, str]:
         failed: dict[Path, str] = {}
+        keep = self._keep_logs
         for path in paths:
             try:
-                _fdatasync(Path(f"{path}-wal"))
-                if path.parent not in self._dirs_synced:
-                    # The log file's directory entry too, once (sqlite's FULL does).
-                    _fdatasync(path.parent, directory=True)
+                new_file = self._sync_log(path) if keep else _sync_once(Path(f"{path}-wal"))
+                if new_file or path.parent not in self._dirs_synced:
+                    # The log file's directory entry too (sqlite's FULL does): once per
+                    # directory, and again for each log created since.
+                    _fsync_directory(path.parent)
                     self._dirs_synced.add(path.parent)
             except OSError as exc:
                 failed[path] = (f"{path}: cannot make the commit durable: "
                                 f"{exc.strerror or exc}")
         return failed
+
+    def _sync_log(self, path: Path) -> bool:
+        """fdatasync the log `path`'s name names now, through the descriptor kept for
+        it if it still holds that file; True when it is another file than the one
+        held before (a log created since)."""
+        wal = f"{path}-wal"
+        held = self._logs.pop(path, None)
+        try:
+            st = os.stat(wal)
+        except OSError:
+            if held is not None:
+                _close(held.fd)
+            raise
+        if held is not None and (held.dev, held.ino) == (st.st_dev, st.st_ino):
+            log = held
+        else:
+            if held is not None:
+                _close(held.fd)
+            fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # The file opened, not the one stat saw: the name may have moved on.
+                opened = os.fstat(fd)
+            except OSError:
+                _close(fd)
+                raise
+            log = _OpenLog(fd, opened.st_dev, opened.st_ino)
+        try:
+            os.fdatasync(log.fd)
+        except OSError:
+            _close(log.fd)
+            raise
+        self._logs[path] = log  # most recently synced last
+        while len(self._logs) > self._max_logs:
+            _close(self._logs.pop(next(iter(self._logs))).fd)
+        return held is not None and log is not held
+
+    def _close_logs(self) -> None:
+        logs, self._logs = self._logs, {}
+        for log in logs.values():
+            _close(log.fd)
+
+    @property
+    def open_logs(self) -> int:
+        """Logs kept open between rounds now."""
+        return len(self._logs)
+
+
+@dataclass(frozen=True)
+class _OpenLog:
+    fd: int
+    dev: int  # of the file `fd` holds: the name may come to name another
+    ino: int
+
+
+def _max_open_logs() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_OPEN_LOGS
+    return max(1, min(MAX_OPEN_LOGS, soft // 4))
+
+
+def _sync_once(wal: Path) -> bool:
+    """fdatasync a log without keeping it open (False: not known to be new)."""
+    fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return False
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 class _Worker:
@@ -216,12 +322,9 @@ class _Worker:
         self._done_read = self._done_write = -1
 
 
-def _fdatasync(path: Path, *, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if directory:
-            os.fsync(fd)
-        else:
-            os.fdatasync(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)

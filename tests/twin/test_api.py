@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -153,6 +154,37 @@ async def test_answers_mirror_the_response_struct(tmp_path):
         assert refused["error"]["code"] == "malformed"
         inbox = await api.handle(bob, '{"id": 3, "inbox": {}}')
         assert [m["text"] for m in inbox["inbox"]] == ["hi", "hi"]
+
+
+async def test_inbox_since_a_time_pages_through_both_directions_in_time_order(tmp_path):
+    """What bench.scale reads instead of opening the twins' stores: id, direction and
+    time of every entry recorded since a time, a page at a time."""
+    async with twin_mesh(tmp_path, nics=2) as mesh:
+        alice, bob = mesh.twins
+        await alice.send_text(bob.key.text, "before", wait=True)
+        since = time.time()
+        ids = {(await alice.send_text(bob.key.text, f"m{i}", wait=True))["id"]
+               for i in range(3)}
+        ids.add((await bob.send_text(alice.key.text, "back", wait=True))["id"])
+        seen: list[dict] = []
+        start = since
+        for _ in range(10):
+            answer = await api.handle(
+                alice, json.dumps({"id": 1, "inbox": {"since": start, "limit": 2}}))
+            api.validate(schemas.api.Response, answer)
+            page = answer["inbox"]
+            seen += [m for m in page if m not in seen]
+            if len(page) < 2:
+                break
+            start = page[-1]["at"]
+        assert [m["text"] for m in seen] == ["m0", "m1", "m2", "back"]
+        assert {m["id"] for m in seen} == ids
+        assert [m["outgoing"] for m in seen] == [True, True, True, False]
+        assert all(m["at"] >= since for m in seen)
+        assert [m["at"] for m in seen] == sorted(m["at"] for m in seen)
+        # Without `since`: the newest `limit`, as before.
+        newest = await api.handle(alice, '{"id": 2, "inbox": {"limit": 2}}')
+        assert [m["text"] for m in newest["inbox"]] == ["m2", "back"]
 
 
 async def test_settings_change_only_the_fields_named(tmp_path):

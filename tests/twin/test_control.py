@@ -67,7 +67,8 @@ class ScriptedTwin:
         await self.release.wait()
         return {"twin": twin, "sequence": sequence, "rtt": 0.001}
 
-    async def inbox(self, peer: str = "", *, limit: int = 50) -> list[dict[str, Any]]:
+    async def inbox(self, peer: str = "", *, limit: int = 50, since: float = 0.0
+                    ) -> list[dict[str, Any]]:
         return self.inbox_rows
 
     def send_text_soon(self, twin: str, text: str, *, ttl: float,

@@ -31,17 +31,35 @@ def test_sent_messages_and_their_envelopes_survive_a_reopen(tmp_path):
     assert (path.stat().st_mode & 0o777) == 0o600
 
 
-def test_the_chat_history_can_be_read_while_the_store_is_open(tmp_path):
-    """Shared, unlike the inbox: the scale bench (and a curious user) read it live."""
+def test_the_store_is_its_owners_alone_while_open(tmp_path):
+    """Exclusive, like the inbox: others ask twind (`inbox`), they do not open it."""
     path = tmp_path / "twin.sqlite3"
     with TwinStore(path) as store:
         store.add_chat(_chat(1))
+        with pytest.raises(StorageError, match="it is locked"):
+            TwinStore(path)
         reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0)
         try:
-            assert reader.execute("SELECT text FROM chat").fetchall() == [("m1",)]
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                reader.execute("SELECT text FROM chat").fetchall()
         finally:
             reader.close()
-        assert store.add_chat(_chat(2))  # the reader did not get in the way
+        assert store.add_chat(_chat(2))  # and the owner goes on
+    with TwinStore(path) as store:
+        assert [c.text for c in store.chat()] == ["m1", "m2"]
+
+
+def test_entries_since_a_time_are_read_in_time_order_page_by_page(tmp_path):
+    with TwinStore(tmp_path / "t") as store:
+        # Recorded out of time order (a message received late), one peer apart.
+        for i, at in ((1, 10.0), (2, 30.0), (3, 20.0), (4, 20.0), (5, 5.0)):
+            store.add_chat(ChatRow(bytes([i]) * 16, b"p" * 32 if i != 4 else b"q" * 32,
+                                   True, f"m{i}", at, "sent", ""))
+        assert [c.text for c in store.chat_since(10.0, limit=2)] == ["m1", "m3"]
+        # Reading on from the last time: that instant's entries come again.
+        assert [c.text for c in store.chat_since(20.0, limit=10)] == ["m3", "m4", "m2"]
+        assert [c.text for c in store.chat_since(20.0, b"q" * 32)] == ["m4"]
+        assert store.chat_since(31.0) == []
 
 
 def test_the_same_message_is_recorded_once(tmp_path):

@@ -99,31 +99,17 @@ def _structs(data: bytes, position: int, data_words: int, pointers: int,
     """The items of the composite list behind the pointer at `position`, each read by
     `read_one(data, data_start, pointer_start)`; None unless every element has at
     least `data_words` and `pointers` and reads."""
-    (word,) = _U64.unpack_from(data, position)
-    if word == 0:
-        return []
-    if word & 3 != 1 or (word >> 32) & 7 != _COMPOSITE:
-        return None
-    tag_at = position + 8 + _offset(word) * 8
-    words = word >> 35
-    if tag_at < 8 or tag_at + 8 + words * 8 > len(data):
-        return None
-    (tag,) = _U64.unpack_from(data, tag_at)
-    count = (tag >> 2) & 0x3FFFFFFF
-    have_data = (tag >> 32) & 0xFFFF
-    have_pointers = tag >> 48
-    size = have_data + have_pointers
-    if (tag & 3 != 0 or have_data < data_words or have_pointers < pointers
-            or count * size > words or (count and not size)):
+    layouts = flat.struct_list_at(data, position)
+    if layouts is None:
         return None
     items = []
-    start = tag_at + 8
-    for _ in range(count):
-        item = read_one(data, start, start + have_data * 8)
+    for at, have_data, pointer_at, have_pointers in layouts:
+        if have_data < data_words or have_pointers < pointers:
+            return None
+        item = read_one(data, at, pointer_at)
         if item is None:
             return None
         items.append(item)
-        start += size * 8
     return items
 
 

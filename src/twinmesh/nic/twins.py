@@ -36,7 +36,7 @@ import os
 import struct
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -268,6 +268,7 @@ class TwinPort:
         # and is then done from here when that task is idle, sparing a wake-up each:
         # packets for other NICs, a batch of acks to commit, frames for twin sessions.
         self._step_depth = 0
+        self._stepping = _Step(self)
         self._step_packets: list[tuple[PublicKey, str, bytes]] = []
         self._step_mailboxes: dict[int, Mailbox] = {}
         # The outbox timer wants re-arming (`_rearm`): done once at the end of a step
@@ -276,6 +277,9 @@ class TwinPort:
         # (NIC, "envelope" | "frame", bytes): envelopes are packed many to a packet.
         self._transmit_in, self._transmit_out = trio.open_memory_channel[
             tuple[PublicKey, str, bytes]](TRANSMIT_QUEUE)
+        # Items handed to the sender that it has not taken yet (cheaper to keep than
+        # to ask the channel for its statistics on every step).
+        self._transmit_queued = 0
         self._timer_scope: trio.CancelScope | None = None
         self._session_ids = itertools.count(1)
         self.log = structlog.get_logger("twinmesh.twins").bind(node=nic.key.short)
@@ -437,15 +441,8 @@ class TwinPort:
                 self._status_update(sent, but=session)
             session.commits.release()
 
-    @contextlib.contextmanager
-    def _step(self) -> Iterator[None]:
-        self._step_depth += 1
-        try:
-            yield
-        finally:
-            self._step_depth -= 1
-            if not self._step_depth:
-                self._end_step()
+    def _step(self) -> _Step:
+        return self._stepping
 
     def _end_step(self) -> None:
         self._rearm_if_due()
@@ -467,7 +464,7 @@ class TwinPort:
         """Hand a step's packets to the overlay now when the sender is idle; what would
         have to wait for room (and all after it) goes to the sender instead."""
         queued: list[tuple[PublicKey, str, bytes]] = []
-        if self._transmit_out.statistics().current_buffer_used:
+        if self._transmit_queued:
             queued = items  # the sender has work: keep the order behind it
         else:
             for nic_key, packet in _packed(items):
@@ -480,10 +477,17 @@ class TwinPort:
                         continue
                 queued.append((nic_key, "frame", packet))
         for item in queued:
-            try:
-                self._transmit_in.send_nowait(item)
-            except trio.WouldBlock:
-                self.counters["transmit_dropped"] += 1  # the outbox will retry
+            self._queue_transmit(item)
+
+    def _queue_transmit(self, item: tuple[PublicKey, str, bytes]) -> bool:
+        """Hand an item to the sender; False when its queue is full (dropped)."""
+        try:
+            self._transmit_in.send_nowait(item)
+        except trio.WouldBlock:
+            self.counters["transmit_dropped"] += 1  # the outbox will retry
+            return False
+        self._transmit_queued += 1
+        return True
 
     async def _sender(self) -> None:
         """Hands what is queued for other NICs to the overlay: the envelopes for one
@@ -495,6 +499,7 @@ class TwinPort:
                     items.append(self._transmit_out.receive_nowait())
                 except trio.WouldBlock:
                     break
+            self._transmit_queued -= len(items)
             try:
                 for nic_key, packet in _packed(items):
                     try:
@@ -555,12 +560,7 @@ class TwinPort:
                 return False
             self._step_packets.append((nic_key, kind, data))
             return True
-        try:
-            self._transmit_in.send_nowait((nic_key, kind, data))
-        except trio.WouldBlock:
-            self.counters["transmit_dropped"] += 1  # the outbox will retry
-            return False
-        return True
+        return self._queue_transmit((nic_key, kind, data))
 
     def _status_update(self, change: StatusChanged, *, but: TwinSession | None = None) -> None:
         # A final status is never dropped for a full mailbox: the twin would wait for
@@ -907,6 +907,25 @@ class TwinPort:
             self._step_mailboxes[id(mailbox)] = mailbox
         else:
             mailbox.put(kind, value, force=force)
+
+
+class _Step:
+    """`TwinPort._step()`: a plain context manager (a generator-based one costs a few
+    µs per use, and every frame and packet is a step)."""
+
+    __slots__ = ("port",)
+
+    def __init__(self, port: TwinPort) -> None:
+        self.port = port
+
+    def __enter__(self) -> None:
+        self.port._step_depth += 1
+
+    def __exit__(self, *_: object) -> None:
+        port = self.port
+        port._step_depth -= 1
+        if not port._step_depth:
+            port._end_step()
 
 
 async def _pump(session: TwinSession, framed: FramedStream, errors: InternalErrors) -> None:

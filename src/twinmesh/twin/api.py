@@ -176,7 +176,8 @@ async def dispatch(twin: Twin, which: str, value: Any) -> dict[str, Any]:
         return {"sent": await twin.send_text(value["twin"], value["text"], ttl=value["ttl"],
                                              wait=value["wait"])}
     if which == "inbox":
-        return {"inbox": await twin.inbox(value.get("peer", ""), limit=value["limit"])}
+        return {"inbox": await twin.inbox(value.get("peer", ""), limit=value["limit"],
+                                          since=value.get("since", 0.0))}
     if which == "messageStatus":
         return {"messageStatus": await twin.message_status(value)}
     if which == "contacts":

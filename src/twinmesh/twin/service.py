@@ -55,6 +55,7 @@ MOVE_AFTER_FAILURES = 3  # consecutive failed attaches before trying the next NI
 SUBSCRIBER_QUEUE = 256
 RECENT_STATUSES = 10_000
 MAX_TEXT = 16 * 1024  # characters of one chat message
+MAX_INBOX = 10_000  # chat entries in one `inbox` answer
 MOVE_TIMEOUT = 10.0
 _FINAL = ("delivered", "expired", "failed")
 
@@ -554,10 +555,17 @@ class Twin:
                             status["status"] in _FINAL:
                         return
 
-    async def inbox(self, peer: str = "", *, limit: int = 50) -> list[dict[str, Any]]:
+    async def inbox(self, peer: str = "", *, limit: int = 50, since: float = 0.0
+                    ) -> list[dict[str, Any]]:
+        """The newest `limit` chat entries (with `peer`), oldest first; `since` > 0:
+        the first `limit` entries recorded at or after that unix time."""
         store = self._store()
         key = parse_twin(peer).raw if peer else None
-        rows = await trio.to_thread.run_sync(store.chat, key, max(1, min(limit, 10_000)))
+        limit = max(1, min(limit, MAX_INBOX))
+        if since > 0:
+            rows = await trio.to_thread.run_sync(store.chat_since, since, key, limit)
+        else:
+            rows = await trio.to_thread.run_sync(store.chat, key, limit)
         store.mark_read()
         return [_chat_dict(row, self._contact_names) for row in rows]
 

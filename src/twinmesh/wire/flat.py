@@ -30,6 +30,9 @@ U64 = struct.Struct("<Q")
 _SEGMENT_TABLE = struct.Struct("<II")
 _BYTE_LIST = 2
 _POINTER_LIST = 6
+# A list pointer to a list of structs (element size 7), and the first word of such a
+# list: its element count, then each element's data words and pointers.
+_COMPOSITE_LIST = 7
 _ZEROS = bytes(8)
 
 # (data section start, data words, pointer section start, pointer count)
@@ -137,6 +140,30 @@ def blob_list_at(data: bytes, position: int) -> list[bytes] | None:
     return items
 
 
+def struct_list_at(data: bytes, position: int) -> list[Layout] | None:
+    """The elements of the List(struct) behind the pointer at byte `position` ([] when
+    null), each as the Layout of a struct; None when it is not such a list in bounds."""
+    (word,) = U64.unpack_from(data, position)
+    if word == 0:
+        return []
+    if word & 3 != 1 or (word >> 32) & 7 != _COMPOSITE_LIST:
+        return None
+    tag_at = position + 8 + _offset(word) * 8
+    words = word >> 35
+    if tag_at < 8 or tag_at + 8 + words * 8 > len(data):
+        return None
+    (tag,) = U64.unpack_from(data, tag_at)
+    count = (tag >> 2) & 0x3FFFFFFF
+    data_words = (tag >> 32) & 0xFFFF
+    pointers = tag >> 48
+    size = data_words + pointers
+    if tag & 3 != 0 or count * size > words or (count and not size):
+        return None  # empty structs: as many as the traversal limit lets pycapnp read
+    start = tag_at + 8
+    return [(at, data_words, at + data_words * 8, pointers)
+            for at in range(start, start + count * size * 8, size * 8)]
+
+
 def union_tag(data: bytes, layout: Layout, offset: int = 0) -> int | None:
     """The u16 union discriminant at `offset` (in u16 units) of the struct's data
     section; None when the data section does not reach it (pycapnp reads 0 then)."""
@@ -232,10 +259,6 @@ def _lay_out(blobs: tuple[bytes, ...] | list[bytes]) -> tuple[list[bytes], list[
         position += (size + 7) >> 3
     return body, pointers, position
 
-
-# A list pointer to a list of structs (element size 7), and the first word of such a
-# list: its element count, then each element's data words and pointers.
-_COMPOSITE_LIST = 7
 
 
 def struct_parts(data_section: bytes, child_data: bytes, child_blobs: tuple[bytes, ...]
