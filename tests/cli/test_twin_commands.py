@@ -8,6 +8,7 @@ script where a signal matters (Ctrl-C ends `ping` and `inbox --follow`).
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -104,6 +105,8 @@ def test_a_malformed_twin_id_is_a_usage_error_naming_it(
     (["ping", STRANGER, "-i", "soon"], "'soon' is not a number"),
     (["send", STRANGER, "hi", "--ttl", "5000"], "5000 is not in [1, 1800]"),
     (["inbox", "-n", "0"], "0 is not in [1, 10000]"),
+    (["inbox", "--since", "yesterday"], "'yesterday' is not a time"),
+    (["inbox", "--since", "-5"], "'-5' is not a time after 1970"),
     (["settings", "--contacts-only", "maybe"], "expected on or off"),
     (["send", STRANGER, " "], "an empty message"),
     (["contacts"], "required: COMMAND"),
@@ -282,12 +285,23 @@ async def test_send_wait_then_inbox_on_both_sides(tmp_path: Path) -> None:
             last = await twinctl(*at(bob), "inbox", "--with", alice.key.text, "-n", "1",
                                  "--json")
             nobody = await twinctl(*at(bob), "inbox", "--with", STRANGER)
+            everything = await twinctl(*at(bob), "inbox", "--json")
+            second_at = everything.json[1]["at"]
+            since = await twinctl(*at(bob), "inbox", "--since", repr(second_at), "--json")
+            # ISO 8601 has microseconds: halfway between the two is safe from rounding.
+            between = (everything.json[0]["at"] + second_at) / 2
+            since_iso = await twinctl(
+                *at(bob), "inbox", "--since",
+                datetime.datetime.fromtimestamp(between).isoformat(), "--json")
     assert sent.code == 0, sent.err
     assert sent.out.startswith("delivered: message ")
     assert [line.split("  ", 2)[2] for line in bob_inbox.lines] == ["hello bob", "second"]
     assert all(f"← {alice.key.text[:16]}…" in line for line in bob_inbox.lines)
     assert [m["text"] for m in last.json] == ["second"]
     assert nobody.out == "no messages\n"
+    # From the second message's time on: it alone (unix seconds or local ISO 8601).
+    assert [m["text"] for m in since.json] == ["second"]
+    assert [m["text"] for m in since_iso.json] == ["second"]
 
 
 async def test_send_to_a_twin_that_never_answers_ends_in_exit_1_with_wait(

@@ -9,6 +9,7 @@ Twin ids are checked here, before anything is sent, so a typo is a usage error.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import signal
@@ -66,6 +67,23 @@ def bounded(kind: Callable[[str], float], low: float, high: float, *,
     return parse
 
 
+def point_in_time(text: str) -> float:
+    """argparse type: a time as unix seconds or ISO 8601 (`2026-11-21T20:00`, local
+    time unless it names a zone); unix seconds out."""
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = datetime.datetime.fromisoformat(text).timestamp()
+        except (ValueError, OverflowError, OSError):
+            raise argparse.ArgumentTypeError(
+                f"{text[:60]!r} is not a time (unix seconds or ISO 8601, e.g. "
+                f"2026-11-21T20:00)") from None
+    if not 0 < value < 1e11:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r} is not a time after 1970")
+    return value
+
+
 def message_text(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty message (give the text to send)")
@@ -115,7 +133,11 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     inbox_parser.add_argument("--with", dest="peer", type=twin_id, metavar="TWIN_ID",
                               help="only the conversation with this twin")
     inbox_parser.add_argument("-n", "--limit", type=bounded(int, 1, MAX_INBOX), default=50,
-                              help="the newest N messages (default 50)")
+                              help="the newest N messages (default 50); with --since, "
+                                   "the first N from then on")
+    inbox_parser.add_argument("--since", type=point_in_time, metavar="TIME",
+                              help="messages recorded at or after TIME (unix seconds or "
+                                   "ISO 8601, local time unless it names a zone)")
     inbox_parser.add_argument("-f", "--follow", action="store_true",
                               help="then print new messages and status changes until Ctrl-C")
 
@@ -173,7 +195,9 @@ async def send(args: argparse.Namespace) -> Outcome:
 
 
 async def inbox(args: argparse.Namespace) -> Outcome:
-    request = {"peer": args.peer or "", "limit": args.limit}
+    request: dict[str, Any] = {"peer": args.peer or "", "limit": args.limit}
+    if args.since is not None:
+        request["since"] = args.since
     if not args.follow:
         entries = await twin_call(args.twin, "inbox", request)
         return entries, "\n".join(map(render_entry, oldest_first(entries))) or "no messages"

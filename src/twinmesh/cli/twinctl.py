@@ -8,7 +8,8 @@ the XDG state dir, ~/.local/state/twinmesh/twin):
     twinctl ping TWIN_ID [-c N] [-i S] [-W S]    round trips like ping(8); Ctrl-C ends
     twinctl find TWIN_ID                         identity, NIC, hops, rounds, lookup time
     twinctl send TWIN_ID TEXT [--ttl S] [--wait] send a chat message
-    twinctl inbox [--with TWIN_ID] [-n N] [--follow]   history, then live messages
+    twinctl inbox [--with TWIN_ID] [-n N] [--since TIME] [--follow]
+                                                 history, then live messages
     twinctl contacts list|add TWIN_ID [--name N]|accept TWIN_ID [--name N]|remove TWIN_ID
     twinctl settings [--contacts-only on|off] [--name N]
     twinctl web                                  the browser page's URL with its token
