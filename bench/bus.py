@@ -32,7 +32,7 @@ import nacl.utils
 import trio
 
 from bench.floor import LARGE, SMALL
-from bench.measure import Bound, Context, Figure, Goal, Stats, fmt_value
+from bench.measure import Bound, Context, Figure, Goal, Stats, fmt_value, process_cpu
 from twinmesh.bus.client import TWINS_SOCKET, BusClient, BusError
 from twinmesh.control.admin_client import admin_call
 from twinmesh.errors import AdminError
@@ -84,10 +84,8 @@ class Daemon:
         return f"{self.listen[0]}?key={self.key}"
 
     def cpu_seconds(self) -> float:
-        """user + system CPU time so far, from /proc/PID/stat."""
-        with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """user + system CPU time so far."""
+        return process_cpu(self.process.pid)
 
 
 def pnicd_command(profile: Path | None, name: str) -> list[str]:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import nacl.bindings as sodium
@@ -22,7 +23,7 @@ import nacl.utils
 import trio
 
 from bench import echo_server
-from bench.measure import Bound, Context, Figure, Stats
+from bench.measure import Bound, Context, Figure, Stats, process_cpu
 from twinmesh.identity.keys import Identity
 from twinmesh.wire import schemas
 
@@ -37,6 +38,10 @@ ECHO_WARMUP = 50
 ECHO_BOUND = 30.0  # seconds one echo series may take
 CHILD_TIMEOUT = 20.0  # seconds the echo child may take to print its port, or to exit
 ROOT = Path(__file__).resolve().parent.parent  # where `-m bench.echo_server` resolves
+# The wake floor: frames this far apart, as a process of the 1000-twin scale run sees
+# them (a NIC there handles a few hundred frames a second, one per wake-up).
+WAKE_PAUSE = 0.005
+WAKE_BATCHES = 5
 
 TcpHandler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -48,6 +53,8 @@ def plan(ctx: Context) -> dict[str, int]:
         "large": ctx.pick(5000, 1000),
         "runs": ctx.pick(7, 3),
         "batches": ctx.pick(15, 5),
+        "wake": ctx.pick(1000, 300),  # frames per batch, back to back
+        "wake_paced": ctx.pick(200, 60),  # frames per batch, WAKE_PAUSE apart
     }
 
 
@@ -66,6 +73,14 @@ trio's default `TCP_NODELAY`.
   bench.echo_server`, started fresh, serving this one connection). Each round trip
   crosses between two processes and wakes the other one, as a ping between two pnicds
   does; the pnicd ping figures give their ratio to it in their detail.
+- **CPU of a process woken by a frame**: the same echo child, measured by its own CPU
+  (the kernel's nanosecond count, /proc/PID/schedstat) per 100 B frame it reads and
+  sends back: {WAKE_BATCHES} batches of {p["wake"]} frames back to back, and
+  {WAKE_BATCHES} of {p["wake_paced"]} frames {WAKE_PAUSE * 1e3:g} ms apart, so that it
+  sleeps before each one; median and min-max of the batches. Every frame that crosses
+  from one twinmesh process to another wakes the receiver like this, so this is the
+  least CPU such a crossing costs on this machine, before any work is done with the
+  frame; `make scale` uses it for the ceiling its crossings allow.
 - **raw TCP 100 B / 64 KiB**: the sender writes length-prefixed frames (4-byte length +
   payload, no crypto, no encoding) with one `send_all` per message as fast as the socket
   takes them; the receiver task parses frames out of 256 KiB reads and copies each
@@ -86,6 +101,7 @@ async def run(ctx: Context) -> None:
     async with trio.open_nursery() as nursery:
         await _echo_rtt(ctx, nursery, p["echo"])
         await _echo_rtt_procs(ctx, p["echo"])
+        await _wake_cpu(ctx, p["wake"], p["wake_paced"])
         await _pipelined(ctx, nursery, SMALL, p["small"], p["runs"])
         await _pipelined(ctx, nursery, LARGE, p["large"], p["runs"])
         nursery.cancel_scope.cancel()
@@ -112,7 +128,7 @@ async def _echo_rtt(ctx: Context, nursery: trio.Nursery, count: int) -> None:
 
 async def _echo_rtt_procs(ctx: Context, count: int) -> None:
     ctx.progress.start(f"floor: trio TCP echo RTT across two processes, 100 B x {count}")
-    async with _echo_child() as port:
+    async with _echo_child() as (port, _pid):
         samples, notes = await _echo_samples(port, count)
     _add_echo(ctx, "floor.echo_rtt_procs", "trio TCP echo RTT across two processes, 100 B",
               "trio echo (2 procs)", samples, notes)
@@ -143,9 +159,83 @@ async def _echo_samples(port: int, count: int) -> tuple[list[float], list[str]]:
     return samples, notes
 
 
+@dataclass(frozen=True)
+class WakeCost:
+    """CPU in µs of a trio process per 100 B frame that wakes it and that it answers:
+    per-batch means, frames back to back and frames `WAKE_PAUSE` apart."""
+
+    back_to_back: Stats
+    paced: Stats
+
+
+async def wake_cost(count: int, paced_count: int, batches: int = WAKE_BATCHES) -> WakeCost:
+    """Measure `WakeCost` with a fresh echo child (a few seconds: bounded by the
+    counts and by ECHO_BOUND per series)."""
+    payload = nacl.utils.random(SMALL)
+    async with _echo_child() as (port, pid), \
+            await trio.open_tcp_stream("127.0.0.1", port) as stream:
+
+        async def round_trip() -> None:
+            await stream.send_all(payload)
+            got = 0
+            while got < SMALL:
+                chunk = await stream.receive_some(READ_SIZE)
+                if not chunk:
+                    raise RuntimeError("echo server hung up")
+                got += len(chunk)
+
+        async def series(frames: int, pause: float) -> list[float]:
+            means: list[float] = []
+            bound = Bound(ECHO_BOUND)
+            for _ in range(batches):
+                before = _thread_cpu(pid)
+                for _ in range(frames):
+                    await round_trip()
+                    if pause:
+                        await trio.sleep(pause)
+                means.append((_thread_cpu(pid) - before) / frames * 1e6)
+                if bound.expired:
+                    break
+            return means
+
+        for _ in range(ECHO_WARMUP):
+            await round_trip()
+        back_to_back = await series(count, 0.0)
+        paced = await series(paced_count, WAKE_PAUSE)
+    return WakeCost(Stats.of(back_to_back), Stats.of(paced))
+
+
+def _thread_cpu(pid: int) -> float:
+    """CPU seconds of the main thread of `pid`, in nanoseconds' resolution where the
+    kernel counts them (the echo child has no other thread)."""
+    try:
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as stat:
+            return int(stat.read().split()[0]) / 1e9
+    except (FileNotFoundError, IndexError, ValueError):
+        return process_cpu(pid)
+
+
+async def _wake_cpu(ctx: Context, count: int, paced_count: int) -> None:
+    ctx.progress.start(f"floor: CPU of a process woken by a frame, {WAKE_BATCHES} x "
+                       f"{count} back to back, {WAKE_BATCHES} x {paced_count} "
+                       f"{WAKE_PAUSE * 1e3:g} ms apart")
+    cost = await wake_cost(count, paced_count)
+    for key, name, stats in (
+            ("floor.wake_cpu", "CPU of a trio process per frame that wakes it, back to back",
+             cost.back_to_back),
+            ("floor.wake_cpu_paced", "CPU of a trio process per frame that wakes it, "
+             f"frames {WAKE_PAUSE * 1e3:g} ms apart", cost.paced)):
+        figure = ctx.add(Figure(
+            key=key, group=TITLE, name=name, value=stats.median, unit="us",
+            spread=(stats.low, stats.high), spread_kind=f"min-max of {stats.n}",
+            detail="100 B read and sent back by the echo child; its CPU only"))
+        ctx.progress.done(figure)
+
+
 @asynccontextmanager
-async def _echo_child() -> AsyncIterator[int]:
-    """A `bench.echo_server` child process; yields its port, reaps it on the way out."""
+async def _echo_child() -> AsyncIterator[tuple[int, int]]:
+    """A `bench.echo_server` child process; yields its port and PID, reaps it on the
+    way out."""
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "bench.echo_server"], stdout=subprocess.PIPE, cwd=ROOT)
     try:
@@ -160,7 +250,7 @@ async def _echo_child() -> AsyncIterator[int]:
         if not line.strip().isdigit():
             raise RuntimeError(f"echo child printed {line!r}, not a port "
                                f"(exit status {process.poll()})")
-        yield int(line)
+        yield int(line), process.pid
     finally:
         # The child exits once our connection is closed; kill it if it does not.
         with trio.CancelScope(shield=True):

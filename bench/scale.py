@@ -22,6 +22,13 @@ the receiver recording it (both in their twin stores, one machine, one clock; re
 back after each run through the twins' control API, `inbox` since the run began: the
 stores are the twins' alone). CPU and RSS per NIC and per twin come from /proc; NIC
 counters (outbox retries, link frames, DHT messages) from /metrics.
+
+Before deploying (the machine still quiet) it measures the wake floor of
+`bench.floor.wake_cost`: the CPU a bare trio process spends on a frame that wakes it,
+frames a few ms apart as here. Each message wakes a process at least
+`LOCAL_CROSSINGS` times plus once per link frame, so that floor times the crossings is
+the least CPU a message can cost with this layout of processes, and the cores divided
+by it the most messages/s the machine could carry if every process did nothing else.
 `--push` then repeats shorter runs at higher per-twin rates and reports the highest
 rate that still delivered everything with p99 under 100 ms. `--profile DIR` runs every
 pnicd and twind under cProfile (wall-clock: for where the time goes, not the figures).
@@ -49,7 +56,8 @@ from typing import Any
 
 import trio
 
-from bench.measure import percentile
+from bench.floor import WAKE_PAUSE, WakeCost, wake_cost
+from bench.measure import percentile, process_cpu
 from bench.report import machine
 from twinmesh.carriers.unix import connect_unix
 from twinmesh.control.admin_client import admin_call
@@ -73,8 +81,13 @@ COUNTERS = {
     "link frames": 'twinmesh_link_frames_total{direction="out"}',
     "DHT msgs": 'twinmesh_dht_messages_total{direction="out"}',
 }
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# Frames per message that wake another process, besides the link frames: driver →
+# sender's twind (send), twind → its NIC (submit), NIC → twind (accepted), receiver's
+# NIC → its twind (delivery), twind → NIC (ack), sender's NIC → twind (delivered).
+# The answers to the driver are read after the run (no wake-up per message).
+LOCAL_CROSSINGS = 6
+WAKE_FRAMES = (300, 100)  # back to back, paced: frames per batch of the wake floor
 
 
 @dataclass
@@ -93,6 +106,11 @@ class Run:
     twin_ms: float = 0.0  # all twind processes together
     driver_ms: float = 0.0
     counters: dict[str, float] = field(default_factory=dict)  # COUNTERS per message
+
+    @property
+    def crossings(self) -> float:
+        """Frames per message that wake a process (NaN without link frame counts)."""
+        return LOCAL_CROSSINGS + self.counters.get("link frames", math.nan)
 
     @property
     def offered(self) -> float:
@@ -115,6 +133,7 @@ class Deployment:
     twin_ids: list[str]
     seconds: float
     settled: float = 0.0  # seconds until the DHT was quiet, after deployment
+    wake: WakeCost | None = None  # measured before deploying
 
 
 # ------------------------------------------------------------------ deploy
@@ -384,14 +403,9 @@ async def settle(deployment: Deployment) -> float:
 
 
 def _cpu(deployment: Deployment) -> tuple[float, float]:
-    nic = sum(_proc_cpu(n.process.pid) for n in deployment.nics)
-    twin = sum(_proc_cpu(p.pid) for p in deployment.hosts)
+    nic = sum(process_cpu(n.process.pid) for n in deployment.nics)
+    twin = sum(process_cpu(p.pid) for p in deployment.hosts)
     return nic, twin
-
-
-def _proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def _rss(pid: int) -> int:
@@ -446,10 +460,26 @@ def markdown(args: argparse.Namespace, deployment: Deployment, base: Run, pushes
     ]
     lines[-1] += " | ≥ 10 000 msgs/s (seed: 5 000) | " + (
         "met" if best and best.offered >= 10_000 else "missed") + " |"
+    wake = deployment.wake
+    if wake is not None:
+        cores = len(os.sched_getaffinity(0))
+        floor_ms = base.crossings * wake.paced.median / 1000
+        lines += [
+            f"| CPU of a bare trio process per frame that wakes it: back to back / "
+            f"{WAKE_PAUSE * 1e3:g} ms apart (`bench.floor`, before deploying) "
+            f"| {wake.back_to_back.median:.0f} / {wake.paced.median:.0f} µs | | |",
+            f"| frames per message that wake a process ({LOCAL_CROSSINGS} local + link "
+            f"frames, at {base.rate:g} msg/s per twin) | {base.crossings:.1f} | | |",
+            f"| ceiling from those wake-ups alone ({cores} cores ÷ (frames x paced wake "
+            f"CPU) = {floor_ms:.2f} ms per message) | {cores / floor_ms * 1000:,.0f} msgs/s "
+            "| ≥ 10 000 msgs/s | "
+            + ("below the goal" if cores / floor_ms * 1000 < 10_000 else "above the goal")
+            + " |"]
     lines += ["", "| msg/s per twin | sent msgs/s (load took) | delivered | p50 | p99 | NIC CPU | "
               "twin CPU | driver CPU | CPU ms per msg: NICs / twins / driver | "
-              + " | ".join(f"{label} per msg" for label in COUNTERS) + " |",
-              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(COUNTERS)]
+              + " | ".join(f"{label} per msg" for label in COUNTERS)
+              + " | CPU per msg ÷ wake floor |",
+              "|---|---|---|---|---|---|---|---|---|" + "---|" * (len(COUNTERS) + 1)]
     for r in [base, *pushes]:
         lines.append(
             f"| {r.rate:g} | {r.offered:.0f} ({r.elapsed:.0f} s) | {_pct(r)} "
@@ -458,9 +488,17 @@ def markdown(args: argparse.Namespace, deployment: Deployment, base: Run, pushes
             f"| {r.driver_cpu * 100:.0f} % "
             f"| {r.nic_ms:.2f} / {r.twin_ms:.2f} / {r.driver_ms:.2f} | "
             + " | ".join(_counter(r.counters.get(label, math.nan)) for label in COUNTERS)
-            + " |")
+            + f" | {_above_floor(r, wake)} |")
     lines += ["", END]
     return "\n".join(lines) + "\n"
+
+
+def _above_floor(run: Run, wake: WakeCost | None) -> str:
+    """All the CPU a message took, as a multiple of its wake-ups' floor."""
+    if wake is None or math.isnan(run.crossings):
+        return "n/a"
+    floor_ms = run.crossings * wake.paced.median / 1000
+    return f"{(run.nic_ms + run.twin_ms + run.driver_ms) / floor_ms:.1f}x"
 
 
 def _counter(value: float) -> str:
@@ -487,12 +525,15 @@ def write_section(path: Path, section: str) -> None:
 async def main_async(args: argparse.Namespace) -> str:
     rng = random.Random(args.seed)
     started = time.perf_counter()
+    print("scale: measuring the wake floor …", file=sys.stderr, flush=True)
+    wake = await wake_cost(*WAKE_FRAMES)
     with TemporaryDirectory(prefix="twinmesh-scale-") as tmp:
         async with AsyncExitStack() as stack:
             print(f"scale: deploying {args.nics} NICs and {args.twins} twins …",
                   file=sys.stderr, flush=True)
             deployment = await deploy(stack, Path(tmp), args.nics, args.twins, args.hosts, rng,
                                       args.profile)
+            deployment.wake = wake
             print(f"scale: deployed in {deployment.seconds:.1f} s", file=sys.stderr, flush=True)
             streams = []
             for directory in deployment.twin_dirs:
