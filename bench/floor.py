@@ -143,13 +143,7 @@ async def _echo_samples(port: int, count: int) -> tuple[list[float], list[str]]:
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
         for i in range(ECHO_WARMUP + count):
             started = time.perf_counter()
-            await stream.send_all(payload)
-            got = 0
-            while got < SMALL:
-                chunk = await stream.receive_some(READ_SIZE)
-                if not chunk:
-                    raise RuntimeError("echo server hung up")
-                got += len(chunk)
+            await _round_trip(stream, payload)
             if i >= ECHO_WARMUP:
                 samples.append((time.perf_counter() - started) * 1e3)
             if bound.expired:
@@ -157,6 +151,17 @@ async def _echo_samples(port: int, count: int) -> tuple[list[float], list[str]]:
                              "bound")
                 break
     return samples, notes
+
+
+async def _round_trip(stream: trio.SocketStream, payload: bytes) -> None:
+    """Send `payload` to the echo server and read all of it back."""
+    await stream.send_all(payload)
+    got = 0
+    while got < len(payload):
+        chunk = await stream.receive_some(READ_SIZE)
+        if not chunk:
+            raise RuntimeError("echo server hung up")
+        got += len(chunk)
 
 
 @dataclass(frozen=True)
@@ -175,22 +180,13 @@ async def wake_cost(count: int, paced_count: int, batches: int = WAKE_BATCHES) -
     async with _echo_child() as (port, pid), \
             await trio.open_tcp_stream("127.0.0.1", port) as stream:
 
-        async def round_trip() -> None:
-            await stream.send_all(payload)
-            got = 0
-            while got < SMALL:
-                chunk = await stream.receive_some(READ_SIZE)
-                if not chunk:
-                    raise RuntimeError("echo server hung up")
-                got += len(chunk)
-
         async def series(frames: int, pause: float) -> list[float]:
             means: list[float] = []
             bound = Bound(ECHO_BOUND)
             for _ in range(batches):
                 before = _thread_cpu(pid)
                 for _ in range(frames):
-                    await round_trip()
+                    await _round_trip(stream, payload)
                     if pause:
                         await trio.sleep(pause)
                 means.append((_thread_cpu(pid) - before) / frames * 1e6)
@@ -199,7 +195,7 @@ async def wake_cost(count: int, paced_count: int, batches: int = WAKE_BATCHES) -
             return means
 
         for _ in range(ECHO_WARMUP):
-            await round_trip()
+            await _round_trip(stream, payload)
         back_to_back = await series(count, 0.0)
         paced = await series(paced_count, WAKE_PAUSE)
     return WakeCost(Stats.of(back_to_back), Stats.of(paced))
