@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from twinmesh.bus.client import REQUEST_TIMEOUT, BusClient, BusError
+from twinmesh.bus.client import EARLY_WRITE_ITEMS, REQUEST_TIMEOUT, BusClient, BusError
 from twinmesh.bus.crypto import MAX_PAYLOAD, TwinCrypto, read_header
 from twinmesh.bus.inbox_store import InboxStore
 from twinmesh.carriers.unix import serve_unix
@@ -412,3 +412,90 @@ async def test_a_callback_submit_the_nic_never_answers_hears_offline_once(
             await trio.sleep(3 * REQUEST_TIMEOUT)
         (error,) = errors
         assert error is not None and "did not answer" in str(error)
+
+
+# ------------------------------------------------------- send_soon (no task waits)
+
+
+async def test_a_long_burst_of_send_soon_goes_out_in_frames_as_it_is_made_in_order(
+    tmp_path: Path
+) -> None:
+    """Sends made in one scheduling round without a checkpoint: the NIC gets them in
+    frames of EARLY_WRITE_ITEMS while the burst is still being made (the first one at
+    once, the rest when the round ends), none lost, in the order they were made."""
+    count = 200
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            ids = [bus.send_soon(BOB, _text(10)) for _ in range(count)]
+            while len(nic.submitted) < count:
+                await trio.sleep(0.001)
+            assert [read_header(envelope).id for _, envelope in nic.submitted] == ids
+            assert nic.submits_frames == 1 + (count - 1) // EARLY_WRITE_ITEMS + 1
+
+
+async def test_send_soon_statuses_reach_on_statuses_and_wait_status(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            changes: list[tuple[bytes, str, str]] = []
+            bus.on_statuses = changes.extend
+            accepted: list[BusError | None] = []
+            message_id = bus.send_soon(BOB, _text(10), done=accepted.append)
+            while not accepted:
+                await trio.sleep(0.001)
+            assert accepted == [None]  # the NIC stored it
+            await nic.status_update(message_id, "delivered", "")
+            assert await bus.wait_status(message_id, timeout=TIMEOUT) == ("delivered", "")
+            assert changes[-1] == (message_id, "delivered", "")
+
+
+async def test_a_send_soon_the_nic_refuses_ends_failed_with_its_code(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            nic.answer = False
+            changes: list[tuple[bytes, str, str]] = []
+            bus.on_statuses = changes.extend
+            errors: list[BusError | None] = []
+            message_id = bus.send_soon(BOB, _text(10), done=errors.append)
+            while not nic.submitted:
+                await trio.sleep(0.001)
+            await nic.results([(nic.submitted[0][0], False, "tooLarge", "too big")])
+            assert await bus.wait_status(message_id, timeout=TIMEOUT) == (
+                "failed", "tooLarge")
+            assert changes == [(message_id, "failed", "tooLarge")]
+            (error,) = errors
+            assert error is not None and error.code == "tooLarge"
+
+
+async def test_send_soon_says_overloaded_while_the_nic_does_not_read_and_loses_nothing(
+    tmp_path: Path
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            nic.reading = trio.Event()
+            ids: list[bytes] = []
+            with pytest.raises(BusError) as refused:
+                for _ in range(1000):  # 64 MB: far beyond buffers and backlog
+                    ids.append(bus.send_soon(BOB, _text(MAX_PAYLOAD - 100)))
+            assert refused.value.code == "overloaded"
+            assert 0 < len(ids) < 1000
+            nic.reading.set()
+            while len(nic.submitted) < len(ids):
+                await trio.sleep(0.001)
+            assert [read_header(envelope).id for _, envelope in nic.submitted] == ids
+            # Room again once the NIC has read the backlog.
+            ids.append(bus.send_soon(BOB, _text(10)))
+
+
+async def test_send_soon_on_a_broken_connection_says_offline(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with attached(tmp_path) as (bus, nic):
+            bus.send_soon(BOB, _text(10))
+            while not nic.submitted:
+                await trio.sleep(0.001)
+            assert nic.framed is not None
+            await nic.framed.stream.aclose()
+            with pytest.raises(BusError) as error:
+                while True:
+                    bus.send_soon(BOB, _text(10))
+                    await trio.sleep(0.001)
+            assert error.value.code == "offline"

@@ -75,6 +75,7 @@ PRUNE_INTERVAL = 60.0
 SUBMITS_BATCH = 256 * 1024
 SUBMITS_ITEMS = 1024
 WRITE_BACKLOG = 4 * 1024 * 1024  # bytes queued for the NIC before writers wait
+EARLY_WRITE_ITEMS = 64  # a burst's queued items written without waiting for its end
 _local = schemas.local
 _FINAL = ("delivered", "expired", "failed")
 _TEXT_ID = schemas.rmb.TextMessage.schema.node.id
@@ -323,6 +324,50 @@ class BusClient:
                 raise BusError(code or status, f"message {header.id.hex()} {status}")
         return header.id
 
+    def send_soon(
+        self,
+        destination: PublicKey,
+        message: Any,
+        *,
+        ttl: float = 300.0,
+        fail_fast: bool = False,
+        reply_to: bytes = b"",
+        done: Callable[[BusError | None], None] | None = None,
+    ) -> bytes:
+        """`send` without a task waiting: seals the message, queues its submission
+        and returns its id at once, so one task can keep thousands in flight (a
+        task per message costs more CPU than sealing it).
+
+        Its status changes reach `on_statuses` and `wait_status` as for `send`; a
+        refusal by the NIC (`overloaded`, `too-large`, ...) is the status
+        `failed` with its code. `done`, if given, is called once as for
+        `submit_sealed_soon`. Raises BusError `overloaded` when this connection's
+        unsent backlog is full (wait for statuses to come back, then send more) and
+        `offline` when the connection is gone; nothing was queued then."""
+        if self._closed:
+            raise BusError("offline", "the connection to the NIC is gone")
+        schema_id, payload = _typed(message)
+        _check_size(payload)
+        envelope, header = self.crypto.seal_message(
+            destination, payload, schema_id, now=time.time(), ttl=ttl, reply_to=reply_to)
+        message_id = header.id
+
+        def submitted(error: BusError | None) -> None:
+            if error is not None and error.code != "offline":
+                self._set_status(message_id, "failed", error.code)
+            if done is not None:
+                done(error)
+
+        if not self.submit_sealed_soon(envelope, len(payload), message_id, submitted,
+                                       fail_fast=fail_fast):
+            if self._closed:
+                raise BusError("offline", "the connection to the NIC is gone")
+            raise BusError("overloaded", "the connection to the NIC has too much unsent; "
+                                         "wait for statuses before sending more")
+        # Known here, so `wait_status` need not ask the NIC about it.
+        self._statuses.setdefault(message_id, ("queued", ""))
+        return message_id
+
     async def submit_sealed(self, envelope: bytes, payload_size: int, *,
                             fail_fast: bool = False, message_id: bytes | None = None) -> None:
         """Hand an envelope sealed earlier (`crypto.seal_message`, e.g. while no NIC was
@@ -340,7 +385,8 @@ class BusClient:
         self._accepted(message_id, status)
 
     def submit_sealed_soon(self, envelope: bytes, payload_size: int, message_id: bytes,
-                           done: Callable[[BusError | None], None]) -> bool:
+                           done: Callable[[BusError | None], None], *,
+                           fail_fast: bool = False) -> bool:
         """`submit_sealed` without a task waiting for the NIC: `done` is called once,
         in the client's reader task (after the status changes of the result's frame,
         its "sent" among them, went to `on_statuses`), with None once the NIC stored
@@ -369,7 +415,7 @@ class BusClient:
             done(None)
 
         try:
-            self._write_now([("submit", (request_id, envelope, True, False, payload_size))])
+            self._write_now([("submit", (request_id, envelope, True, fail_fast, payload_size))])
         except trio.ClosedResourceError:
             return False
         # Registered after the write (nothing can answer in between): a write that
@@ -935,7 +981,8 @@ class BusClient:
         of the round (the other tasks woken by the same frame) and any rest queue for
         the writer task, which sends everything queued in one write at the start of
         the next round (one system call and one wake-up of the NIC for a burst of
-        sends, not one per send). Returns at once unless more than WRITE_BACKLOG bytes
+        sends, not one per send); a burst that queues EARLY_WRITE_ITEMS goes out
+        then, without waiting for its end. Returns at once unless more than WRITE_BACKLOG bytes
         wait (the NIC is not reading): then once they are out. Raises
         trio.ClosedResourceError when the connection is gone."""
         self._write_now(items)
@@ -964,6 +1011,30 @@ class BusClient:
             items = [("bytes", data[sent:])]
         self._unsent.extend(items)
         self._unsent_bytes += sum(_item_size(kind, value) for kind, value in items)
+        if len(self._unsent) >= EARLY_WRITE_ITEMS and not self._writing:
+            # A long burst made in one scheduling round: what is queued goes out now,
+            # so the NIC works on it while the rest of the burst is sealed.
+            self._write_unsent_now()
+        else:
+            self._unsent_ready.set()
+
+    def _write_unsent_now(self) -> None:
+        items, self._unsent = self._unsent, []
+        self._unsent_bytes = 0
+        queued = self._queued_writes
+        data = _encode(items, self._framed.max_frame)
+        try:
+            sent = self._framed.send_now(data)
+        except trio.BrokenResourceError as exc:
+            self._broken(str(exc))
+            raise trio.ClosedResourceError("the connection to the NIC is gone") from None
+        if sent == len(data):
+            self._written = queued
+            self._drained.set()  # for waits on what was queued before (acks, backlog)
+            self._drained = trio.Event()
+            return
+        self._unsent = [("bytes", data[sent:])]
+        self._unsent_bytes = len(data) - sent
         self._unsent_ready.set()
 
     async def _writer(self) -> None:
