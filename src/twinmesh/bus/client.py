@@ -1011,9 +1011,13 @@ class BusClient:
             items = [("bytes", data[sent:])]
         self._unsent.extend(items)
         self._unsent_bytes += sum(_item_size(kind, value) for kind, value in items)
-        if len(self._unsent) >= EARLY_WRITE_ITEMS and not self._writing:
+        unsent = self._unsent
+        if (len(unsent) >= EARLY_WRITE_ITEMS and not self._writing
+                and unsent[0][0] != "bytes"):
             # A long burst made in one scheduling round: what is queued goes out now,
-            # so the NIC works on it while the rest of the burst is sealed.
+            # so the NIC works on it while the rest of the burst is sealed. Not after
+            # a write the socket took only part of: the writer task waits for room
+            # then, and writing again here would only copy the backlog again.
             self._write_unsent_now()
         else:
             self._unsent_ready.set()
