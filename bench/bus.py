@@ -652,11 +652,15 @@ def reading(ctx: Context) -> str:
             if ratio is None or ratio.missing:
                 continue
             target = small.value / ratio.value * factor
+            budget = cores * 1e6 / target
+            gap = (f"{total / budget:.1f}x less than now" if budget < total else
+                   f"more than the {total:.0f} µs it takes now; at that CPU cost it needs "
+                   f"{total * target / 1e6:.2f} of the {cores} cores busy on average (this "
+                   f"run kept {total * small.value / 1e6:.2f} busy)")
             lines.append(
                 f"- The goal {factor:g}x {PEER_NAMES[ratio_key.split('.', 4)[-1]]} means "
-                f"{target:,.0f} msgs/s here: at most {cores * 1e6 / target:.0f} µs of CPU "
-                f"per message across all processes, {total / (cores * 1e6 / target):.1f}x "
-                "less than now.")
+                f"{target:,.0f} msgs/s here: at most {budget:.0f} µs of CPU per message "
+                f"across all processes if they ran in parallel on every core, {gap}.")
     direct, two_hops = ctx.get("peer.rns.channel.direct"), ctx.get("peer.rns.channel.2hop")
     if (small is not None and direct is not None and two_hops is not None
             and not direct.missing and not two_hops.missing and two_hops.value > direct.value):
