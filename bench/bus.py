@@ -616,16 +616,19 @@ per message in all (twins 295, n1 303, n2 170) and 1.9 k msgs/s; 64 KiB 2700 µs
 - The outbox's sqlite file no longer zeroes freed pages (`secure_delete = FAST`):
   each acked 64 KiB envelope was written twice more. The first retry follows the ack
   delays (srtt + 4 rttvar, Karn), so a busy NIC does not resend what is only queued.
-- Smaller batches (at most 64 items per frame, so that the next process starts
-  earlier) were tried and cost more CPU per message in every process than they
-  gained in overlap.
+- One task keeps the benchmark's window full with `send_soon` (a task per message
+  cost ~25 µs of the twins' CPU per message), and the sending twin writes a long
+  burst every 64 submissions as it seals it (`EARLY_WRITE_ITEMS`), so n1 commits and
+  forwards the first part while the twin seals the rest (~30% more msgs/s).
+  Smaller batches in every process (at most 64 items per frame) were tried earlier and
+  cost more CPU per message than they gained in overlap.
 
-What is left: the processes still move a window of messages as one convoy (each
-waits for the one before), so the rate is about the inverse of the CPU per message
-of all processes together, not of the busiest one. The rest is spread thin: trio's
-scheduling of the 256 sender tasks and their status waits, pycapnp list items
-(results, status updates), the outbox core's bookkeeping, hashing of keys, and for
-64 KiB the copies at every layer and the sqlite write of each envelope.
+What is left: the processes overlap only in part (1.2-1.6 of the 2 cores busy), and
+the CPU per message is spread thin: sealing and opening, pycapnp list items
+(results, status updates), the outbox core's bookkeeping, sqlite's two B-trees
+(7-9 µs to insert and 3.5-5 µs to finish each message, `executemany` no faster),
+hashing of keys, and for 64 KiB the four AEAD passes (~210 µs), the copies at every
+layer and the sqlite write of each envelope.
 """
 
 
