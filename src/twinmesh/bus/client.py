@@ -998,11 +998,7 @@ class BusClient:
         if (not self._unsent and not self._writing
                 and self._inline_round != rounds.round):
             data = _encode(items, self._framed.max_frame)
-            try:
-                sent = self._framed.send_now(data)
-            except trio.BrokenResourceError as exc:
-                self._broken(str(exc))
-                raise trio.ClosedResourceError("the connection to the NIC is gone") from None
+            sent = self._send_inline(data)
             # No task to wake: the round counter says when this round is over.
             self._inline_round = rounds.round
             if sent == len(data):
@@ -1027,11 +1023,7 @@ class BusClient:
         self._unsent_bytes = 0
         queued = self._queued_writes
         data = _encode(items, self._framed.max_frame)
-        try:
-            sent = self._framed.send_now(data)
-        except trio.BrokenResourceError as exc:
-            self._broken(str(exc))
-            raise trio.ClosedResourceError("the connection to the NIC is gone") from None
+        sent = self._send_inline(data)
         if sent == len(data):
             self._written = queued
             self._drained.set()  # for waits on what was queued before (acks, backlog)
@@ -1040,6 +1032,15 @@ class BusClient:
         self._unsent = [("bytes", data[sent:])]
         self._unsent_bytes = len(data) - sent
         self._unsent_ready.set()
+
+    def _send_inline(self, data: bytes) -> int:
+        """What the socket takes of `data` at once, from the calling task."""
+        try:
+            sent: int = self._framed.send_now(data)
+        except trio.BrokenResourceError as exc:
+            self._broken(str(exc))
+            raise trio.ClosedResourceError("the connection to the NIC is gone") from None
+        return sent
 
     async def _writer(self) -> None:
         while True:
