@@ -339,7 +339,7 @@ class BusClient:
         task per message costs more CPU than sealing it).
 
         Its status changes reach `on_statuses` and `wait_status` as for `send`; a
-        refusal by the NIC (`overloaded`, `too-large`, ...) is the status
+        refusal by the NIC (`overloaded`, `tooLarge`, ...) is the status
         `failed` with its code. `done`, if given, is called once as for
         `submit_sealed_soon`. Raises BusError `overloaded` when this connection's
         unsent backlog is full (wait for statuses to come back, then send more) and
@@ -982,8 +982,8 @@ class BusClient:
         the writer task, which sends everything queued in one write at the start of
         the next round (one system call and one wake-up of the NIC for a burst of
         sends, not one per send); a burst that queues EARLY_WRITE_ITEMS goes out
-        then, without waiting for its end. Returns at once unless more than WRITE_BACKLOG bytes
-        wait (the NIC is not reading): then once they are out. Raises
+        then, without waiting for its end. Returns at once unless more than
+        WRITE_BACKLOG bytes wait (the NIC is not reading): then once they are out. Raises
         trio.ClosedResourceError when the connection is gone."""
         self._write_now(items)
         while self._unsent_bytes > WRITE_BACKLOG and not self._closed:
